@@ -1,0 +1,206 @@
+"""The `dynamo-gateway` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from dynamo_gateway import __version__
+from dynamo_gateway.errors import ConfigError, GatewayError
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"dynamo-gateway: error: {exc}", file=sys.stderr)
+        return 2
+    except GatewayError as exc:
+        print(f"dynamo-gateway: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dynamo-gateway",
+        description="OpenAI-compatible, engine-agnostic LLM inference gateway",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(metavar="COMMAND")
+
+    serve = sub.add_parser(
+        "serve", help="frontend, router and workers in one process (the embedded default)"
+    )
+    _add_common(serve)
+    _add_frontend_args(serve)
+    _add_engine_args(serve)
+    serve.add_argument("--workers", type=int, help="engine workers to start (default 1)")
+    serve.add_argument("--router", help="routing policy (default round_robin)")
+    serve.set_defaults(func=_cmd_serve)
+
+    plugins = sub.add_parser("plugins", help="list loaded plugins and what they provide")
+    plugins.add_argument("--json", action="store_true", help="machine-readable output")
+    plugins.set_defaults(func=_cmd_plugins)
+
+    demo = sub.add_parser("demo-model", help="build the tiny random-weight demo model, offline")
+    demo.add_argument("dir", type=Path, help="output directory")
+    demo.add_argument("--force", action="store_true", help="rebuild even if it exists")
+    demo.set_defaults(func=_cmd_demo_model)
+
+    bench = sub.add_parser("bench", help="load-test an OpenAI-compatible server")
+    from dynamo_gateway.bench import cli as bench_cli
+
+    bench_cli.configure_parser(bench)
+    bench.set_defaults(func=bench_cli.main)
+    return parser
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="TOML settings file (DYNAMO_GATEWAY_CONFIG)")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+
+
+def _add_frontend_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", help="listen address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="listen port (default 8000)")
+    p.add_argument(
+        "--api-key", action="append", dest="api_keys", help="accepted bearer token (repeatable)"
+    )
+    p.add_argument("--max-inflight", type=int, help="admission limit; beyond it 429")
+    p.add_argument("--max-body-bytes", type=int, help="larger request bodies get 413")
+    p.add_argument("--server", choices=["hypercorn", "uvicorn"], help="ASGI server")
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--engine", help="engine plugin (default mocker)")
+    p.add_argument("--model", type=Path, help="local model directory")
+    p.add_argument("--served-model-name", help="name clients use (default: directory name)")
+    p.add_argument("--max-model-len", type=int, help="context window (default: from config)")
+    p.add_argument("--speedup", type=float, help="mocker: run the timing model N times faster")
+    p.add_argument("--block-size", type=int, help="KV block size in tokens")
+    p.add_argument("--num-kv-blocks", type=int, help="KV capacity in blocks")
+    p.add_argument("--max-num-seqs", type=int, help="max concurrently running sequences")
+    p.add_argument("--max-num-batched-tokens", type=int, help="token budget per engine step")
+
+
+# CLI flag (argparse dest) -> settings path
+_SETTINGS_MAP: dict[str, tuple[str, ...]] = {
+    "log_level": ("log_level",),
+    "host": ("frontend", "host"),
+    "port": ("frontend", "port"),
+    "api_keys": ("frontend", "api_keys"),
+    "max_inflight": ("frontend", "max_inflight"),
+    "max_body_bytes": ("frontend", "max_body_bytes"),
+    "server": ("frontend", "server"),
+    "engine": ("engine",),
+    "model": ("model",),
+    "served_model_name": ("served_model_name",),
+    "max_model_len": ("max_model_len",),
+    "workers": ("workers",),
+    "router": ("router",),
+    "speedup": ("mocker", "speedup"),
+    "block_size": ("mocker", "block_size"),
+    "num_kv_blocks": ("mocker", "num_kv_blocks"),
+    "max_num_seqs": ("mocker", "max_num_seqs"),
+    "max_num_batched_tokens": ("mocker", "max_num_batched_tokens"),
+}
+
+
+def settings_from_args(args: argparse.Namespace) -> Any:
+    """Settings with the flags that were given layered over env, TOML and defaults."""
+    from dynamo_gateway.settings import load_settings
+
+    overrides: dict[str, Any] = {}
+    for dest, path in _SETTINGS_MAP.items():
+        value = getattr(args, dest, None)
+        if value is None:
+            continue
+        node = overrides
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+    return load_settings(getattr(args, "config", None), **overrides)
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from dynamo_gateway.server import run_async, serve
+
+    settings = settings_from_args(args)
+    _setup_logging(settings.log_level)
+
+    def ready(url: str) -> None:
+        print(f"dynamo-gateway serving {settings.served_model_name or settings.model.name} "
+              f"on {url} (engine={settings.engine}, workers={settings.workers}, "
+              f"router={settings.router})", flush=True)
+
+    run_async(serve(settings, ready=ready))
+    return 0
+
+
+def _cmd_plugins(args: argparse.Namespace) -> int:
+    from dynamo_gateway.plugins import load_plugins
+    from dynamo_gateway.settings import load_settings
+
+    settings = load_settings()
+    plugins = load_plugins(only=settings.plugins, trace=settings.trace_hooks)
+    rows = []
+    for info in plugins.loaded:
+        rows.append(
+            {
+                "name": info.name,
+                "module": info.module,
+                "distribution": info.distribution,
+                "version": info.version,
+                "builtin": info.builtin,
+                "provides": plugins.registry.provided_by(info.name),
+            }
+        )
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for row in rows:
+        origin = "built-in" if row["builtin"] else f"{row['distribution']} {row['version']}"
+        print(f"{row['name']}  ({origin})")
+        provides = row["provides"]
+        if not provides:
+            print("    (registers nothing)")
+        for family, names in provides.items():
+            fam = plugins.registry.families()[family]
+            for name in names:
+                desc = fam.registration(name).description
+                print(f"    {fam.kind}: {name}" + (f" - {desc}" if desc else ""))
+    return 0
+
+
+def _cmd_demo_model(args: argparse.Namespace) -> int:
+    from dynamo_gateway.models.demo import build_demo_model
+
+    out: Path = args.dir
+    if (out / "config.json").is_file() and not args.force:
+        print(f"{out} already holds a model; use --force to rebuild", file=sys.stderr)
+        return 0
+    build_demo_model(out, progress=True)
+    print(f"demo model written to {out}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

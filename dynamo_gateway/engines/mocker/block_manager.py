@@ -1,0 +1,311 @@
+"""A paged KV block pool with prefix caching: the mocker's simulated KV cache.
+
+Pure bookkeeping (no asyncio, no I/O) so that it can be tested on plain data and
+reused by any simulated engine. The pool has ``num_blocks`` blocks of
+``block_size`` token slots. A sequence is a `KvSequence`; the caller owns its
+token list and tells the pool how far it got.
+
+Rules, which the tests pin down exactly:
+
+* **Prefix cache.** A block that becomes full of *computed* tokens is registered
+  under its sequence hash (`dynamo_gateway.kv.hashing`) and reported in a
+  `BlockStored`. A new sequence reuses the longest run of cached blocks that
+  starts its token list (shared, ref-counted). If another block already holds
+  the same hash, the new block is not registered and nothing is reported.
+* **Cached-token rule.** At least one token of every sequence must be computed
+  (its logits are needed), so prefix hits are capped at
+  ``(len(tokens) - 1) // block_size`` blocks: a fully cached, block-aligned
+  prompt gets one block less. ``cached tokens = hit blocks * block_size``.
+* **Free lists and eviction order.** A block whose ref count drops to 0 goes to
+  the free *uncached* stack (LIFO) if it holds no registered hash, or else to the
+  tail of the *evictable* LRU list, where it stays cached and reusable. Freeing a
+  sequence walks its blocks from last to first, so its last block sits nearest
+  the LRU head and is evicted first, and prefixes survive longest. A fresh block
+  comes from the uncached stack first (never-used blocks in ascending id order
+  at start-up), then from the LRU head, which emits `BlockRemoved` for its hash.
+  Reusing a cached free block (a prefix hit) takes it out of the LRU list.
+* **Events** are queued in order and handed out by `drain_events()`; removals
+  that follow each other are merged into one `BlockRemoved`, and consecutive new
+  blocks of one sequence in one `commit()` into one `BlockStored`.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+
+from dynamo_gateway.kv.hashing import sequence_hashes
+from dynamo_gateway.protocol.kv_events import (
+    AllBlocksCleared,
+    BlockRemoved,
+    BlockStored,
+    KvEventData,
+)
+
+__all__ = ["BlockManager", "KvSequence"]
+
+
+class KvSequence:
+    """One sequence's share of the pool.
+
+    `hashes` are the sequence hashes of the full blocks of the tokens seen so far.
+    They outlive `free()` (tokens only ever grow), so a preempted sequence does
+    not rehash its prefix when it is allocated again.
+    """
+
+    __slots__ = ("block_ids", "hashes", "num_cached_tokens", "num_registered")
+
+    def __init__(self) -> None:
+        self.block_ids: list[int] = []
+        self.hashes: list[int] = []
+        # Leading blocks already offered to the prefix cache (hits count as offered).
+        self.num_registered = 0
+        # Prompt tokens served from the cache by the latest allocate().
+        self.num_cached_tokens = 0
+
+
+class BlockManager:
+    """The block pool; see the module docstring for the caching rules."""
+
+    def __init__(self, num_blocks: int, block_size: int, *, record_events: bool = True) -> None:
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError("num_blocks and block_size must be positive")
+        self._num_blocks = num_blocks
+        self._block_size = block_size
+        self._record = record_events
+        self._ref = [0] * num_blocks
+        self._hash: list[int | None] = [None] * num_blocks
+        # Reversed so that pop() hands out block 0 first.
+        self._uncached: list[int] = list(range(num_blocks - 1, -1, -1))
+        self._lru: OrderedDict[int, None] = OrderedDict()
+        self._cached: dict[int, int] = {}  # sequence hash -> block id
+        self._events: list[KvEventData] = []
+        self._removed: list[int] = []  # hashes of a BlockRemoved still being merged
+
+    # -- capacity -------------------------------------------------------------------------
+
+    @property
+    def num_blocks(self) -> int:
+        return self._num_blocks
+
+    @property
+    def block_size(self) -> int:
+        return self._block_size
+
+    @property
+    def num_free(self) -> int:
+        """Blocks that an allocation can take: uncached ones plus evictable cached ones."""
+        return len(self._uncached) + len(self._lru)
+
+    @property
+    def num_used(self) -> int:
+        """Blocks referenced by at least one live sequence."""
+        return self._num_blocks - len(self._uncached) - len(self._lru)
+
+    @property
+    def num_cached(self) -> int:
+        """Blocks registered in the prefix cache, referenced or not."""
+        return len(self._cached)
+
+    def blocks_for(self, num_tokens: int) -> int:
+        """Blocks needed to hold `num_tokens` token slots."""
+        return -(-num_tokens // self._block_size)
+
+    def can_allocate(self, num_blocks: int) -> bool:
+        return num_blocks <= self.num_free
+
+    def ref_count(self, block_id: int) -> int:
+        return self._ref[block_id]
+
+    def block_hash(self, block_id: int) -> int | None:
+        """The sequence hash a block is cached under, or None."""
+        return self._hash[block_id]
+
+    def eviction_order(self) -> list[int]:
+        """Evictable cached blocks, the next one to be evicted first."""
+        return list(self._lru)
+
+    # -- prefix lookup ----------------------------------------------------------------------
+
+    def cached_prefix_tokens(self, tokens: Sequence[int]) -> int:
+        """How many tokens of a new sequence `tokens` would be prefix-cache hits."""
+        limit = (len(tokens) - 1) // self._block_size
+        hashes = sequence_hashes(tokens[: limit * self._block_size], self._block_size)
+        hits = 0
+        for h in hashes:
+            if h not in self._cached:
+                break
+            hits += 1
+        return hits * self._block_size
+
+    def _extend_hashes(self, seq: KvSequence, tokens: Sequence[int], n_full: int) -> None:
+        have = len(seq.hashes)
+        if have < n_full:
+            bs = self._block_size
+            parent = seq.hashes[-1] if have else None
+            seq.hashes.extend(sequence_hashes(tokens[have * bs : n_full * bs], bs, parent))
+
+    # -- allocation -----------------------------------------------------------------------
+
+    def allocate(
+        self,
+        seq: KvSequence,
+        tokens: Sequence[int],
+        num_slots: int | None = None,
+        *,
+        reserve: int = 0,
+    ) -> bool:
+        """Give a sequence without blocks room for `num_slots` tokens (default: all of `tokens`).
+
+        Reuses the cached prefix of `tokens` (see the cached-token rule) and sets
+        `seq.num_cached_tokens`. All or nothing: returns False, changing nothing, if
+        fewer than `reserve` free blocks would be left.
+        """
+        if seq.block_ids:
+            raise ValueError("sequence already holds blocks; free() it first")
+        bs = self._block_size
+        n_tokens = len(tokens)
+        slots = n_tokens if num_slots is None else max(num_slots, n_tokens)
+        needed = self.blocks_for(slots)
+        limit = min((n_tokens - 1) // bs, needed) if n_tokens else 0
+        self._extend_hashes(seq, tokens, n_tokens // bs)
+
+        hits: list[int] = []
+        revived = 0  # hits that currently sit in the evictable list
+        cached = self._cached
+        for h in seq.hashes[:limit]:
+            bid = cached.get(h)
+            if bid is None:
+                break
+            hits.append(bid)
+            if self._ref[bid] == 0:
+                revived += 1
+        if needed - len(hits) + revived + reserve > self.num_free:
+            return False
+
+        # Hits first: fresh allocations below may evict from the LRU list.
+        for bid in hits:
+            if self._ref[bid] == 0:
+                del self._lru[bid]
+            self._ref[bid] += 1
+        n_hits = len(hits)
+        for _ in range(needed - n_hits):
+            hits.append(self._take_fresh())
+        seq.block_ids = hits
+        seq.num_registered = n_hits
+        seq.num_cached_tokens = n_hits * bs
+        return True
+
+    def append_slots(self, seq: KvSequence, num_slots: int) -> bool:
+        """Grow a sequence's blocks to hold `num_slots` tokens; False if no block is free."""
+        missing = self.blocks_for(num_slots) - len(seq.block_ids)
+        if missing <= 0:
+            return True
+        if missing > self.num_free:
+            return False
+        for _ in range(missing):
+            seq.block_ids.append(self._take_fresh())
+        return True
+
+    def _take_fresh(self) -> int:
+        if self._uncached:
+            bid = self._uncached.pop()
+        else:
+            bid, _ = self._lru.popitem(last=False)
+            h = self._hash[bid]
+            assert h is not None
+            del self._cached[h]
+            self._hash[bid] = None
+            if self._record:
+                self._removed.append(h)
+        self._ref[bid] = 1
+        return bid
+
+    # -- caching --------------------------------------------------------------------------
+
+    def commit(self, seq: KvSequence, tokens: Sequence[int], num_computed: int) -> None:
+        """Register the blocks that the first `num_computed` tokens of `tokens` filled."""
+        bs = self._block_size
+        n_full = min(num_computed // bs, len(seq.block_ids))
+        start = seq.num_registered
+        if n_full <= start:
+            return
+        self._extend_hashes(seq, tokens, n_full)
+        hashes = seq.hashes
+        cached = self._cached
+        run_start = -1  # first block of the BlockStored being built
+        for i in range(start, n_full):
+            h = hashes[i]
+            if h in cached:
+                # Same content in another block: keep one copy in the cache.
+                if run_start >= 0:
+                    self._emit_stored(seq, tokens, run_start, i)
+                    run_start = -1
+                continue
+            bid = seq.block_ids[i]
+            cached[h] = bid
+            self._hash[bid] = h
+            if run_start < 0:
+                run_start = i
+        if run_start >= 0:
+            self._emit_stored(seq, tokens, run_start, n_full)
+        seq.num_registered = n_full
+
+    def _emit_stored(self, seq: KvSequence, tokens: Sequence[int], first: int, end: int) -> None:
+        if not self._record:
+            return
+        self._flush_removed()
+        bs = self._block_size
+        self._events.append(
+            BlockStored(
+                block_hashes=seq.hashes[first:end],
+                parent_block_hash=seq.hashes[first - 1] if first else None,
+                token_ids=list(tokens[first * bs : end * bs]),
+                block_size=bs,
+            )
+        )
+
+    def free(self, seq: KvSequence) -> None:
+        """Release a sequence's blocks, last block first (see the eviction order)."""
+        ref = self._ref
+        for bid in reversed(seq.block_ids):
+            ref[bid] -= 1
+            if ref[bid] == 0:
+                if self._hash[bid] is None:
+                    self._uncached.append(bid)
+                else:
+                    self._lru[bid] = None
+        seq.block_ids = []
+        seq.num_registered = 0
+
+    def clear(self) -> None:
+        """Forget the whole prefix cache and emit `AllBlocksCleared`.
+
+        Legal at any time: evictable blocks become uncached free blocks; blocks that
+        live sequences still reference stay theirs but are no longer cached (so a
+        later eviction never reports a hash the consumer was told is gone).
+        """
+        for bid in self._lru:
+            self._hash[bid] = None
+            self._uncached.append(bid)
+        self._lru.clear()
+        for bid in self._cached.values():
+            self._hash[bid] = None
+        self._cached.clear()
+        if self._record:
+            self._removed.clear()  # subsumed by the clear
+            self._events.append(AllBlocksCleared())
+
+    # -- events ---------------------------------------------------------------------------
+
+    def _flush_removed(self) -> None:
+        if self._removed:
+            self._events.append(BlockRemoved(block_hashes=self._removed))
+            self._removed = []
+
+    def drain_events(self) -> list[KvEventData]:
+        """Events since the last drain, oldest first."""
+        self._flush_removed()
+        events = self._events
+        self._events = []
+        return events

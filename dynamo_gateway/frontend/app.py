@@ -1,0 +1,255 @@
+"""The OpenAI-compatible HTTP frontend, a plain ASGI app built on starlette.
+
+Request flow (chat and text completions)::
+
+    auth -> admission (429) -> bounded body (413) -> decode + validate (400)
+      -> model pool (404) -> template + tokenize + context check (400)
+      -> route to a worker -> engine stream -> detokenize + stop strings
+      -> SSE chunks or one JSON body
+
+A disconnect watcher runs beside each generation request, so a client that
+goes away cancels its request all the way into the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import msgspec
+from prometheus_client import generate_latest
+from prometheus_client.core import Metric
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from dynamo_gateway.errors import (
+    ClientError,
+    EngineError,
+    GatewayError,
+    MethodNotAllowedError,
+    NotFoundError,
+    UnavailableError,
+)
+from dynamo_gateway.frontend.encoding import error_body
+from dynamo_gateway.frontend.generation import complete_response, stream_response
+from dynamo_gateway.frontend.http import (
+    Admission,
+    ApiKeys,
+    DisconnectWatcher,
+    JSONBytes,
+    SSEResponse,
+    error_response,
+    read_body,
+)
+from dynamo_gateway.frontend.metrics import FrontendMetrics, gauge
+from dynamo_gateway.frontend.preparation import Prepared, prepare_chat, prepare_completion
+from dynamo_gateway.protocol.openai import ChatCompletionRequest, CompletionRequest, decode_request
+from dynamo_gateway.runtime.pool import ModelManager
+from dynamo_gateway.settings import Settings
+
+log = logging.getLogger(__name__)
+
+CLIENT_CLOSED = 499  # nginx's convention for "client closed the request"
+
+
+class Gateway:
+    """State shared by the endpoints of one frontend."""
+
+    def __init__(self, settings: Settings, manager: ModelManager) -> None:
+        self.settings = settings
+        self.manager = manager
+        fe = settings.frontend
+        self.keys = ApiKeys(fe.api_keys)
+        self.admission = Admission(fe.max_inflight, fe.retry_after_s)
+        self.metrics = FrontendMetrics()
+        self.metrics.add_collector(self._worker_metrics)
+        self.started = int(time.time())
+
+    def _worker_metrics(self) -> Iterable[Metric]:
+        workers = gauge("workers", "Live workers, by model and role", ["model", "role"])
+        active = gauge("worker_active_requests", "Requests running on a worker", ["model", "worker"])
+        waiting = gauge("worker_waiting_requests", "Requests queued on a worker", ["model", "worker"])
+        used = gauge("worker_kv_blocks_used", "KV blocks in use on a worker", ["model", "worker"])
+        total = gauge("worker_kv_blocks_total", "KV capacity of a worker", ["model", "worker"])
+        for name, pool in self.manager.pools.items():
+            roles: dict[str, int] = {}
+            for wid, w in pool.workers.items():
+                roles[w.record.role.value] = roles.get(w.record.role.value, 0) + 1
+                w.refresh_load()
+                load = w.view.load
+                active.add_metric([name, wid], load.active_requests)
+                waiting.add_metric([name, wid], load.waiting_requests)
+                used.add_metric([name, wid], load.kv_blocks_used)
+                total.add_metric([name, wid], load.kv_blocks_total)
+            for role, count in roles.items():
+                workers.add_metric([name, role], count)
+        return [workers, active, waiting, used, total]
+
+    # -- generation endpoints --------------------------------------------------
+
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._generate(request, chat=True)
+
+    async def completions(self, request: Request) -> Response:
+        return await self._generate(request, chat=False)
+
+    async def _generate(self, request: Request, *, chat: bool) -> Response:
+        endpoint = "chat" if chat else "completions"
+        model = "-"
+        self.keys.check(request)
+        ticket = self.admission.enter()
+        watcher: DisconnectWatcher | None = None
+        handed_off = False
+        try:
+            body = await read_body(request, self.settings.frontend.max_body_bytes)
+            req: ChatCompletionRequest | CompletionRequest = (
+                decode_request(body, ChatCompletionRequest)
+                if chat
+                else decode_request(body, CompletionRequest)
+            )
+            model = req.model
+            pool = self.manager.get(req.model)
+            session = request.headers.get("x-session-id")
+            prep: Prepared = await (
+                prepare_chat(pool, req, session)  # type: ignore[arg-type]
+                if chat
+                else prepare_completion(pool, req, session)  # type: ignore[arg-type]
+            )
+            if not pool.workers:
+                raise UnavailableError(f"no live worker serves model {model!r}", retry_after=1)
+            watcher = DisconnectWatcher(request.receive)
+            watcher.start()
+            mm = self.metrics.model(model)
+            mm.inflight.inc()
+            if prep.stream:
+                chunks = stream_response(prep, mm)
+
+                def on_close(disconnected: bool) -> None:
+                    mm.inflight.dec()
+                    ticket.release()
+                    status = CLIENT_CLOSED if disconnected else 200
+                    self.metrics.requests.labels(model, endpoint, str(status)).inc()
+
+                handed_off = True
+                return SSEResponse(chunks, watcher, on_close)
+            try:
+                result = await complete_response(prep, mm)
+            finally:
+                mm.inflight.dec()
+            self.metrics.requests.labels(model, endpoint, "200").inc()
+            return JSONBytes(msgspec.json.encode(result))
+        except asyncio.CancelledError:
+            if watcher is None or not watcher.absorb():
+                raise
+            self.metrics.requests.labels(model, endpoint, str(CLIENT_CLOSED)).inc()
+            return Response(status_code=CLIENT_CLOSED)
+        except ClientError as exc:
+            self._count_error(model, endpoint, exc.status, exc.type)
+            return error_response(exc)
+        except EngineError as exc:
+            self._count_error(model, endpoint, exc.status, exc.type)
+            log.error("engine error: %s", exc)
+            return JSONBytes(
+                msgspec.json.encode(error_body(str(exc), exc.type, code=exc.code)), status_code=500
+            )
+        finally:
+            if not handed_off:
+                ticket.release()
+                if watcher is not None:
+                    watcher.stop()
+
+    def _count_error(self, model: str, endpoint: str, status: int, type_: str) -> None:
+        self.metrics.requests.labels(model, endpoint, str(status)).inc()
+        self.metrics.errors.labels(type_).inc()
+
+    # -- other endpoints ------------------------------------------------------------
+
+    async def models(self, request: Request) -> Response:
+        self.keys.check(request)
+        data = [
+            {
+                "id": name,
+                "object": "model",
+                "created": self.started,
+                "owned_by": "dynamo-gateway",
+                "max_model_len": pool.card.max_model_len,
+            }
+            for name, pool in sorted(self.manager.pools.items())
+        ]
+        return JSONBytes(msgspec.json.encode({"object": "list", "data": data}))
+
+    async def live(self, request: Request) -> Response:
+        return JSONBytes(b'{"status":"live"}')
+
+    async def ready(self, request: Request) -> Response:
+        models = {name: pool.live_workers() for name, pool in self.manager.pools.items()}
+        ready = bool(models) and all(models.values())
+        body = {"status": "ready" if ready else "not ready", "models": models}
+        return JSONBytes(msgspec.json.encode(body), status_code=200 if ready else 503)
+
+    async def health(self, request: Request) -> Response:
+        report: dict[str, Any] = {}
+        healthy = bool(self.manager.pools)
+        for name, pool in self.manager.pools.items():
+            workers: dict[str, str] = {}
+            for wid, worker in pool.workers.items():
+                try:
+                    await worker.check_health()
+                    workers[wid] = "healthy"
+                except GatewayError as exc:
+                    workers[wid] = f"unhealthy: {exc}"
+                    healthy = False
+            report[name] = workers
+        body = {"status": "healthy" if healthy else "unhealthy", "models": report}
+        return JSONBytes(msgspec.json.encode(body), status_code=200 if healthy else 503)
+
+    async def prometheus(self, request: Request) -> Response:
+        return Response(
+            generate_latest(self.metrics.registry),
+            media_type="text/plain; version=0.0.4; charset=utf-8",
+        )
+
+
+def build_app(gateway: Gateway) -> Starlette:
+    routes = [
+        Route("/v1/chat/completions", gateway.chat_completions, methods=["POST"]),
+        Route("/v1/completions", gateway.completions, methods=["POST"]),
+        Route("/v1/models", gateway.models, methods=["GET"]),
+        Route("/health", gateway.health, methods=["GET"]),
+        Route("/live", gateway.live, methods=["GET"]),
+        Route("/ready", gateway.ready, methods=["GET"]),
+        Route("/metrics", gateway.prometheus, methods=["GET"]),
+    ]
+
+    async def on_http_exception(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        if exc.status_code == 405:
+            return error_response(MethodNotAllowedError(f"method {request.method} not allowed"))
+        if exc.status_code == 404:
+            return error_response(NotFoundError(f"no route for {request.url.path}"))
+        return error_response(ClientError(str(exc.detail)))
+
+    async def on_client_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, ClientError)
+        return error_response(exc)
+
+    async def on_error(request: Request, exc: Exception) -> Response:
+        log.exception("unhandled error on %s", request.url.path, exc_info=exc)
+        gateway.metrics.errors.labels("server_error").inc()
+        body = error_body("internal server error", "server_error", code="internal_error")
+        return JSONBytes(msgspec.json.encode(body), status_code=500)
+
+    return Starlette(
+        routes=routes,
+        exception_handlers={
+            HTTPException: on_http_exception,
+            ClientError: on_client_error,
+            Exception: on_error,
+        },
+    )

@@ -1,0 +1,182 @@
+"""HTTP plumbing: bounded body reading, API keys, admission, disconnects, error responses."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+from collections.abc import AsyncIterator, Callable, Sequence
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from dynamo_gateway.errors import (
+    AuthenticationError,
+    ClientError,
+    OverloadedError,
+    PayloadTooLargeError,
+)
+from dynamo_gateway.frontend.encoding import error_body
+
+
+def error_response(exc: ClientError) -> Response:
+    headers = {}
+    if exc.retry_after is not None:
+        headers["Retry-After"] = str(exc.retry_after)
+    body = error_body(exc.message, exc.type, param=exc.param, code=exc.code)
+    return JSONBytes(msgspec.json.encode(body), status_code=exc.status, headers=headers)
+
+
+class JSONBytes(Response):
+    media_type = "application/json"
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The whole body, or PayloadTooLargeError as soon as it passes `limit` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLargeError(f"request body is larger than the limit of {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLargeError(f"request body is larger than the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+class ApiKeys:
+    """Bearer-token check; constant-time against every configured key."""
+
+    def __init__(self, keys: Sequence[str]) -> None:
+        self._keys = [k.encode() for k in keys if k]
+
+    def __bool__(self) -> bool:
+        return bool(self._keys)
+
+    def check(self, request: Request) -> None:
+        if not self._keys:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        given = token.strip().encode() if scheme.lower() == "bearer" else b""
+        ok = False
+        for key in self._keys:
+            ok |= hmac.compare_digest(given, key)
+        if not ok:
+            raise AuthenticationError(
+                "Incorrect or missing API key. Pass it as 'Authorization: Bearer <key>'."
+            )
+
+
+class Admission:
+    """At most `limit` requests in flight; beyond it, 429 with Retry-After."""
+
+    def __init__(self, limit: int, retry_after: int) -> None:
+        self.limit = limit
+        self.retry_after = retry_after
+        self.inflight = 0
+
+    def enter(self) -> Ticket:
+        if self.inflight >= self.limit:
+            raise OverloadedError(
+                f"the gateway is at its limit of {self.limit} requests in flight; retry later",
+                retry_after=self.retry_after,
+            )
+        self.inflight += 1
+        return Ticket(self)
+
+
+class Ticket:
+    __slots__ = ("_admission",)
+
+    def __init__(self, admission: Admission) -> None:
+        self._admission: Admission | None = admission
+
+    def release(self) -> None:
+        if self._admission is not None:
+            self._admission.inflight -= 1
+            self._admission = None
+
+
+class DisconnectWatcher:
+    """Cancels the request's task when the client goes away.
+
+    Once the body is read, the next ASGI message is `http.disconnect`; waiting
+    for it in a side task turns a vanished client into a cancellation of the
+    request task, which unwinds the engine stream and aborts the request there.
+    """
+
+    def __init__(self, receive: Receive) -> None:
+        self._receive = receive
+        self.disconnected = False
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        owner = asyncio.current_task()
+        assert owner is not None
+
+        async def watch() -> None:
+            while True:
+                message = await self._receive()
+                if message["type"] == "http.disconnect":
+                    self.disconnected = True
+                    owner.cancel()
+                    return
+
+        self._task = asyncio.get_running_loop().create_task(watch())
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+
+    def absorb(self) -> bool:
+        """Call in `except CancelledError`: True if it was our cancellation (swallowed)."""
+        if not self.disconnected:
+            return False
+        task = asyncio.current_task()
+        if task is not None:
+            task.uncancel()
+        return True
+
+
+class SSEResponse(Response):
+    """Streams an already-started chunk iterator; ends quietly if the client leaves."""
+
+    media_type = "text/event-stream"
+
+    def __init__(
+        self,
+        chunks: AsyncIterator[bytes],
+        watcher: DisconnectWatcher,
+        on_close: Callable[[bool], None],
+    ) -> None:
+        self.status_code = 200
+        self.background = None
+        self._chunks = chunks
+        self._watcher = watcher
+        self._on_close = on_close
+        self.init_headers({"cache-control": "no-cache", "x-accel-buffering": "no"})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        disconnected = False
+        try:
+            await send(
+                {"type": "http.response.start", "status": 200, "headers": self.raw_headers}
+            )
+            async for chunk in self._chunks:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except asyncio.CancelledError:
+            if not self._watcher.absorb():
+                raise
+            disconnected = True
+        except OSError:  # the server reports a vanished peer on send
+            disconnected = True
+        finally:
+            self._watcher.stop()
+            await self._chunks.aclose()  # type: ignore[attr-defined]
+            self._on_close(disconnected)

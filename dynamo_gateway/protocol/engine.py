@@ -1,0 +1,94 @@
+"""Messages between the frontend and an engine worker.
+
+These are the structs the request plane carries (in-process today, msgpack over
+TCP for remote workers), so they are versioned `msgspec.Struct`s with plain
+fields only. Field order is part of the wire format: append new fields at the
+end with a default.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import msgspec
+
+WIRE_VERSION = 1
+
+
+class WorkerRole(enum.StrEnum):
+    """What a worker does for its model."""
+
+    AGGREGATED = "aggregated"  # prefill and decode on the same worker
+    PREFILL = "prefill"  # prefill only; exports KV blocks to a decode worker
+    DECODE = "decode"  # imports KV blocks and decodes
+
+
+class FinishReason(enum.StrEnum):
+    STOP = "stop"  # EOS, a stop token id, or a stop string
+    LENGTH = "length"  # max_tokens or the context window reached
+    ABORT = "abort"  # cancelled (client went away, or the worker is shutting down)
+    ERROR = "error"  # the engine failed this request
+
+
+class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
+    """How to pick tokens. Defaults mean "greedy, until max_tokens"."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 disables top-k
+    seed: int | None = None
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    stop_token_ids: tuple[int, ...] = ()
+    logprobs: int | None = None  # None: no logprobs; k >= 0: sampled token plus top k
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+
+
+class EngineRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """One sequence to generate. `n > 1` is fanned out by the frontend."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    # Set by the frontend when it resumes a request on another worker: tokens already
+    # streamed to the client, appended to the prompt and not counted again.
+    resumed_token_ids: list[int] = []
+    version: int = WIRE_VERSION
+
+
+class TokenLogprob(msgspec.Struct, frozen=True, array_like=True):
+    """Logprob of one generated token, with the top alternatives (token_id, logprob)."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = []
+
+
+class EngineOutput(msgspec.Struct, kw_only=True):
+    """New tokens of one request since the previous output (delta).
+
+    `cached_tokens` is set on the first output: how many prompt tokens were
+    served from the prefix cache instead of being computed.
+    """
+
+    token_ids: list[int]
+    finish_reason: FinishReason | None = None
+    cached_tokens: int | None = None
+    logprobs: list[TokenLogprob] | None = None
+    error: str | None = None
+
+
+class LoadMetrics(msgspec.Struct, frozen=True, kw_only=True):
+    """A worker's load, as its engine reports it."""
+
+    active_requests: int = 0  # running (prefill or decode)
+    waiting_requests: int = 0  # admitted, waiting for KV blocks or a batch slot
+    kv_blocks_used: int = 0  # blocks referenced by live requests
+    kv_blocks_total: int = 0  # device KV capacity in blocks
+
+    @property
+    def kv_usage(self) -> float:
+        return self.kv_blocks_used / self.kv_blocks_total if self.kv_blocks_total else 0.0

@@ -1,0 +1,195 @@
+"""OpenAI request bodies, decoded and validated in one pass by msgspec.
+
+Types and ranges live in the annotations, so a wrong type or an out-of-range
+value is rejected while decoding, with the JSON path of the offending field.
+Fields the gateway does not act on are ignored, as OpenAI-compatible servers
+commonly do; fields it cannot honour (e.g. ``echo``) are rejected explicitly.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal, TypeVar
+
+import msgspec
+from msgspec import Meta
+
+from dynamo_gateway.errors import InvalidRequestError
+
+PositiveInt = Annotated[int, Meta(ge=1)]
+NonNegInt = Annotated[int, Meta(ge=0)]
+Temperature = Annotated[float, Meta(ge=0.0, le=2.0)]
+TopP = Annotated[float, Meta(gt=0.0, le=1.0)]
+Penalty = Annotated[float, Meta(ge=-2.0, le=2.0)]
+RepetitionPenalty = Annotated[float, Meta(gt=0.0, le=2.0)]
+Seed = Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)]
+N = Annotated[int, Meta(ge=1, le=128)]
+TopLogprobs = Annotated[int, Meta(ge=0, le=20)]
+MAX_STOP = 16
+
+ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+
+
+class StreamOptions(msgspec.Struct, kw_only=True):
+    include_usage: bool = False
+
+
+class TextPart(msgspec.Struct, kw_only=True):
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(msgspec.Struct, kw_only=True):
+    role: str
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+
+class _Sampling(msgspec.Struct, kw_only=True):
+    """Fields shared by chat and text completions."""
+
+    model: str
+    max_tokens: PositiveInt | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    top_k: Annotated[int, Meta(ge=-1)] | None = None
+    n: N = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[NonNegInt] | None = None
+    seed: Seed | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    repetition_penalty: RepetitionPenalty | None = None
+    ignore_eos: bool = False
+    min_tokens: NonNegInt = 0
+    user: str | None = None
+
+
+class ChatCompletionRequest(_Sampling, kw_only=True):
+    messages: list[ChatMessage]
+    max_completion_tokens: PositiveInt | None = None
+    logprobs: bool = False
+    top_logprobs: TopLogprobs | None = None
+
+
+class CompletionRequest(_Sampling, kw_only=True):
+    # str | list[str] | list[int] | list[list[int]]: checked in `prompts()`, since
+    # msgspec unions hold one array type only.
+    prompt: str | list[Any]
+    logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None
+    echo: bool = False
+    suffix: str | None = None
+    best_of: PositiveInt | None = None
+
+
+Endpoint = Literal["chat", "completions"]
+R = TypeVar("R", bound=_Sampling)
+
+_PATH = re.compile(r"at `\$\.?([^`]*)`")
+
+
+def decode_request(body: bytes, kind: type[R]) -> R:
+    """Decode and validate a request body, or raise InvalidRequestError (400)."""
+    try:
+        req = msgspec.json.decode(body, type=kind)
+    except msgspec.ValidationError as exc:
+        message = str(exc)
+        match = _PATH.search(message)
+        param = match.group(1) if match else None
+        raise InvalidRequestError(message, param=param or None) from None
+    except msgspec.DecodeError as exc:
+        raise InvalidRequestError(
+            f"We could not parse the JSON body of your request: {exc}", code="invalid_json"
+        ) from None
+    _check_common(req)
+    return req
+
+
+def _check_common(req: _Sampling) -> None:
+    if not req.model:
+        raise InvalidRequestError("`model` must not be empty", param="model")
+    stops = stop_strings(req)
+    if len(stops) > MAX_STOP:
+        raise InvalidRequestError(f"at most {MAX_STOP} stop sequences are allowed", param="stop")
+    if any(not s for s in stops):
+        raise InvalidRequestError("stop sequences must not be empty", param="stop")
+    if req.stream_options is not None and not req.stream:
+        raise InvalidRequestError(
+            "`stream_options` is only allowed when `stream` is true", param="stream_options"
+        )
+    if isinstance(req, ChatCompletionRequest):
+        _check_chat(req)
+    elif isinstance(req, CompletionRequest):
+        _check_completion(req)
+
+
+def _check_chat(req: ChatCompletionRequest) -> None:
+    if not req.messages:
+        raise InvalidRequestError("`messages` must hold at least one message", param="messages")
+    for i, message in enumerate(req.messages):
+        if message.role not in ROLES:
+            raise InvalidRequestError(
+                f"unknown role {message.role!r}; expected one of {', '.join(sorted(ROLES))}",
+                param=f"messages[{i}].role",
+            )
+        if isinstance(message.content, list):
+            for j, part in enumerate(message.content):
+                if part.type != "text" or part.text is None:
+                    raise InvalidRequestError(
+                        f"content part of type {part.type!r} is not supported; "
+                        "this model takes text only",
+                        param=f"messages[{i}].content[{j}]",
+                    )
+    if req.top_logprobs is not None and not req.logprobs:
+        raise InvalidRequestError(
+            "`top_logprobs` requires `logprobs` to be true", param="top_logprobs"
+        )
+
+
+def _check_completion(req: CompletionRequest) -> None:
+    if req.echo:
+        raise InvalidRequestError("`echo` is not supported", param="echo")
+    if req.suffix:
+        raise InvalidRequestError("`suffix` is not supported", param="suffix")
+    if req.best_of is not None and req.best_of != req.n:
+        raise InvalidRequestError("`best_of` other than `n` is not supported", param="best_of")
+    prompts(req)  # validates the shape
+
+
+def stop_strings(req: _Sampling) -> list[str]:
+    if req.stop is None:
+        return []
+    return [req.stop] if isinstance(req.stop, str) else list(req.stop)
+
+
+def prompts(req: CompletionRequest) -> list[str | list[int]]:
+    """The prompts of a completion request: each a string or a list of token ids."""
+    p = req.prompt
+    if isinstance(p, str):
+        return [p]
+    if not p:
+        raise InvalidRequestError("`prompt` must not be empty", param="prompt")
+    if all(isinstance(x, str) for x in p):
+        return list(p)
+    if all(_is_token(x) for x in p):
+        return [list(p)]
+    if all(isinstance(x, list) and x and all(_is_token(t) for t in x) for x in p):
+        return [list(x) for x in p]
+    raise InvalidRequestError(
+        "`prompt` must be a string, a list of strings, a list of token ids, "
+        "or a list of lists of token ids",
+        param="prompt",
+    )
+
+
+def _is_token(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def content_text(message: ChatMessage) -> str | None:
+    """A message's text, with text parts joined."""
+    if isinstance(message.content, list):
+        return "".join(part.text or "" for part in message.content)
+    return message.content

@@ -1,0 +1,172 @@
+"""Running the gateway: the embedded `serve` (frontend, router and workers in one
+process) on hypercorn or uvicorn, with a graceful shutdown on SIGINT/SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+
+from starlette.types import ASGIApp
+
+from dynamo_gateway.errors import ConfigError
+from dynamo_gateway.frontend.app import Gateway, build_app
+from dynamo_gateway.models.card import ModelCard
+from dynamo_gateway.plugins import Plugins, load_plugins
+from dynamo_gateway.runtime.discovery import MemoryDiscovery
+from dynamo_gateway.runtime.events import MemoryEventPlane
+from dynamo_gateway.runtime.local import start_local_workers
+from dynamo_gateway.runtime.pool import InprocResolver, ModelManager
+from dynamo_gateway.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# Seconds in-flight requests get to finish after a shutdown signal.
+GRACEFUL_TIMEOUT_S = 10.0
+
+
+def plugins_for(settings: Settings) -> Plugins:
+    return load_plugins(only=settings.plugins, trace=settings.trace_hooks)
+
+
+async def serve(settings: Settings, *, ready: Callable[[str], None] | None = None) -> None:
+    """Run the embedded gateway until SIGINT/SIGTERM."""
+    if settings.model is None:
+        raise ConfigError("--model is required: a local model directory (see `demo-model`)")
+    plugins = plugins_for(settings)
+    card = ModelCard.load(
+        settings.model,
+        served_name=settings.served_model_name,
+        max_model_len=settings.max_model_len,
+    )
+    discovery = MemoryDiscovery()
+    events = MemoryEventPlane()
+    resolver = InprocResolver()
+    manager = ModelManager(settings, plugins.registry, resolver, events)
+    follow = asyncio.get_running_loop().create_task(manager.follow(discovery))
+    workers = await start_local_workers(
+        settings,
+        plugins.registry,
+        card,
+        discovery=discovery,
+        events=events,
+        resolver=resolver,
+        count=settings.workers,
+    )
+    try:
+        await _wait_for_pool(manager, card.served_name)
+        gateway = Gateway(settings, manager)
+        app = build_app(gateway)
+        await run_http(app, settings, ready=ready)
+    finally:
+        await workers.stop()
+        await discovery.aclose()
+        follow.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await follow
+        await manager.aclose()
+        await events.aclose()
+
+
+async def _wait_for_pool(manager: ModelManager, model: str, timeout: float = 30.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while model not in manager.pools:
+        if loop.time() > deadline:
+            raise ConfigError(f"workers for {model!r} did not register within {timeout} s")
+        await asyncio.sleep(0.01)
+
+
+async def run_http(
+    app: ASGIApp, settings: Settings, *, ready: Callable[[str], None] | None = None
+) -> None:
+    """Serve `app` until a shutdown signal, then drain for up to GRACEFUL_TIMEOUT_S."""
+    fe = settings.frontend
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    url = f"http://{fe.host}:{fe.port}"
+    if fe.server == "uvicorn":
+        runner = _uvicorn(app, settings, stop)
+    else:
+        runner = _hypercorn(app, settings, stop)
+    task = loop.create_task(runner())
+    await asyncio.sleep(0)
+    if ready is not None:
+        ready(url)
+    await task
+
+
+def _hypercorn(app: ASGIApp, settings: Settings, stop: asyncio.Event) -> Callable[[], Awaitable[None]]:
+    from hypercorn.asyncio import serve as hypercorn_serve
+    from hypercorn.config import Config
+
+    fe = settings.frontend
+    config = Config()
+    config.bind = [f"{fe.host}:{fe.port}"]
+    config.accesslog = None
+    config.errorlog = logging.getLogger("hypercorn.error")
+    config.graceful_timeout = GRACEFUL_TIMEOUT_S
+    config.keep_alive_timeout = 75
+    # Bodies are bounded by the app (413 with an OpenAI error); keep hypercorn's own
+    # limit above ours so that the app answers first.
+    config.h11_max_incomplete_size = max(config.h11_max_incomplete_size, 64 * 1024)
+
+    async def run() -> None:
+        await hypercorn_serve(app, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
+
+    return run
+
+
+def _uvicorn(app: ASGIApp, settings: Settings, stop: asyncio.Event) -> Callable[[], Awaitable[None]]:
+    try:
+        import uvicorn
+    except ImportError:
+        raise ConfigError("--server uvicorn needs uvicorn: pip install 'uvicorn[standard]'") from None
+    fe = settings.frontend
+    config = uvicorn.Config(
+        app,
+        host=fe.host,
+        port=fe.port,
+        loop="none",
+        http="httptools",
+        lifespan="off",
+        access_log=False,
+        log_level="warning",
+        timeout_graceful_shutdown=int(GRACEFUL_TIMEOUT_S),
+    )
+    server = uvicorn.Server(config)
+
+    async def run() -> None:
+        async def trigger() -> None:
+            await stop.wait()
+            server.should_exit = True
+
+        watcher = asyncio.get_running_loop().create_task(trigger())
+        try:
+            # uvicorn captures SIGINT/SIGTERM itself while serving and re-raises
+            # them afterwards, which then reaches our handler too.
+            await server.serve()
+        finally:
+            watcher.cancel()
+
+    return run
+
+
+def run_async(main: Awaitable[None]) -> None:
+    """Run `main` on uvloop when it is installed."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        asyncio.run(main)  # type: ignore[arg-type]
+        return
+    if sys.version_info >= (3, 12):  # pragma: no cover
+        asyncio.run(main, loop_factory=uvloop.new_event_loop)  # type: ignore[arg-type]
+    else:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(main)  # type: ignore[arg-type]

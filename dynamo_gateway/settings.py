@@ -1,0 +1,154 @@
+"""One settings object for the whole gateway.
+
+Sources, highest priority first: explicit values (command-line flags),
+environment variables (``DYNAMO_GATEWAY_*``, nested with ``__``, e.g.
+``DYNAMO_GATEWAY_MOCKER__SPEEDUP=10``), a TOML file (``--config FILE`` or
+``DYNAMO_GATEWAY_CONFIG``), then the defaults below. Code receives a
+`Settings` instance; nothing else reads the environment.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import os
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, Field, field_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from dynamo_gateway.errors import ConfigError
+
+ENV_PREFIX = "DYNAMO_GATEWAY_"
+
+_config_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar(
+    "dynamo_gateway_config_file", default=None
+)
+
+
+class FrontendSettings(BaseModel):
+    """The HTTP frontend."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    api_keys: list[str] = Field(default_factory=list, description="accepted bearer tokens")
+    max_inflight: int = Field(1024, ge=1, description="admission limit; beyond it 429")
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="larger bodies get 413")
+    retry_after_s: int = Field(1, ge=0, description="Retry-After on 429/503")
+    server: Literal["hypercorn", "uvicorn"] = "hypercorn"
+
+
+class MockerSettings(BaseModel):
+    """The simulated engine: timing model, KV capacity, batching.
+
+    Step time in ms = prefill_base_ms + prefill_ms_per_token * new_tokens
+    + prefill_ms_per_token2 * new_tokens**2 (if the step prefills)
+    + decode_base_ms + decode_ms_per_kv_block * active_kv_blocks (if it decodes),
+    divided by ``speedup``.
+    """
+
+    speedup: float = Field(1.0, gt=0, description="run the timing model this many times faster")
+    block_size: int = Field(16, ge=1, le=4096)
+    num_kv_blocks: int = Field(16384, ge=1)
+    max_num_seqs: int = Field(256, ge=1)
+    max_num_batched_tokens: int = Field(8192, ge=1)
+    prefill_base_ms: float = Field(5.0, ge=0)
+    prefill_ms_per_token: float = Field(0.04, ge=0)
+    prefill_ms_per_token2: float = Field(1.0e-6, ge=0)
+    decode_base_ms: float = Field(8.0, ge=0)
+    decode_ms_per_kv_block: float = Field(0.0025, ge=0)
+
+
+class Settings(BaseSettings):
+    """Everything configurable. Plugins read their own section from `plugin_config`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_default=True,
+    )
+
+    plugins: Annotated[list[str] | None, NoDecode] = Field(
+        None, description="entry-point plugins to load (comma-separated); unset loads all"
+    )
+    trace_hooks: bool = False
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    model: Path | None = None
+    served_model_name: str | None = None
+    max_model_len: int | None = Field(None, ge=1)
+    engine: str = "mocker"
+    router: str = "round_robin"
+    workers: int = Field(1, ge=1)
+
+    frontend: FrontendSettings = Field(default_factory=FrontendSettings)
+    mocker: MockerSettings = Field(default_factory=MockerSettings)
+    plugin_config: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    @field_validator("plugins", mode="before")
+    @classmethod
+    def _split_plugins(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [p.strip() for p in value.split(",") if p.strip()]
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _TomlSource(settings_cls))
+
+
+class _TomlSource(PydanticBaseSettingsSource):
+    """The TOML file named by `load_settings(config_file=...)` or DYNAMO_GATEWAY_CONFIG."""
+
+    def __init__(self, settings_cls: type[BaseSettings]) -> None:
+        super().__init__(settings_cls)
+        path = _config_file.get()
+        self._data: dict[str, Any] = _read_toml(path) if path else {}
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return self._data.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(self._data)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+    # A [dynamo_gateway] table is accepted so the file can be shared with other tools.
+    section = data.get("dynamo_gateway", data)
+    return section if isinstance(section, dict) else {}
+
+
+def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
+    """Build `Settings` from flags (`overrides`), the environment and a TOML file."""
+    path = config_file or os.environ.get(f"{ENV_PREFIX}CONFIG")
+    token = _config_file.set(Path(path) if path else None)
+    try:
+        return Settings(**overrides)
+    except ConfigError:
+        raise
+    except ValueError as exc:  # pydantic.ValidationError is a ValueError
+        raise ConfigError(f"invalid settings: {exc}") from exc
+    finally:
+        _config_file.reset(token)

@@ -1,0 +1,184 @@
+"""pytest fixtures and options for dynamo-gateway and its plugin authors.
+
+Loaded through the ``pytest11`` entry point, so any project with dynamo-gateway
+installed gets:
+
+- ``--run-slow``: run tests marked ``slow`` (skipped by default).
+- ``--require-engines``: tests marked ``gpu``/``vllm``/``sglang``/``trtllm``/``nixl``
+  fail instead of skipping when their hardware or library is missing.
+- ``demo_model`` (session): a built demo model directory.
+- ``gateway_server``: a factory that starts a real ``dynamo-gateway serve``
+  process on a free loopback port and stops it after the test.
+- ``free_port()``: a free TCP port on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+# marker -> importable module that provides it
+ENGINE_MARKERS = {
+    "vllm": "vllm",
+    "sglang": "sglang",
+    "trtllm": "tensorrt_llm",
+    "nixl": "nixl",
+}
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("dynamo-gateway")
+    group.addoption("--run-slow", action="store_true", help="run tests marked slow")
+    group.addoption(
+        "--require-engines",
+        action="store_true",
+        help="fail (instead of skip) engine/GPU tests whose engine or device is missing",
+    )
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    run_slow = config.getoption("--run-slow")
+    require = config.getoption("--require-engines")
+    for item in items:
+        if "slow" in item.keywords and not run_slow:
+            item.add_marker(pytest.mark.skip(reason="slow test: use --run-slow"))
+        missing = [
+            marker
+            for marker, module in ENGINE_MARKERS.items()
+            if marker in item.keywords and importlib.util.find_spec(module) is None
+        ]
+        if "gpu" in item.keywords and not _cuda_available():
+            missing.append("gpu")
+        if missing:
+            reason = f"needs {', '.join(missing)} (not available here)"
+            if require:
+                item.stash[_MISSING] = reason
+            else:
+                item.add_marker(pytest.mark.skip(reason=reason))
+
+
+_MISSING = pytest.StashKey[str]()
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    reason = item.stash.get(_MISSING, None)
+    if reason is not None:
+        pytest.fail(f"--require-engines: {reason}", pytrace=False)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def demo_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A demo model directory, built once per session (or DYNAMO_GATEWAY_TEST_MODEL)."""
+    given = os.environ.get("DYNAMO_GATEWAY_TEST_MODEL")
+    if given:
+        return Path(given)
+    from dynamo_gateway.models.demo import build_demo_model
+
+    out = tmp_path_factory.mktemp("models") / "demo"
+    build_demo_model(out)
+    return out
+
+
+@dataclass
+class GatewayProcess:
+    """A running `dynamo-gateway serve` subprocess."""
+
+    url: str
+    port: int
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    args: list[str] = field(default_factory=list)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout: float = 15.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return int(self.process.returncode)
+
+
+def wait_ready(url: str, process: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"gateway exited with {process.returncode} before becoming ready")
+        try:
+            with urllib.request.urlopen(f"{url}/ready", timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"gateway at {url} not ready after {timeout} s")
+
+
+@pytest.fixture
+def gateway_server(
+    tmp_path: Path, demo_model: Path
+) -> Iterator[Callable[..., GatewayProcess]]:
+    """Factory: ``gateway_server("--workers", "2", ...)`` starts `serve` on a free port.
+
+    The demo model and the mocker engine are the defaults; pass ``--model`` or
+    ``--engine`` to change them. Every process started is stopped at teardown.
+    """
+    started: list[GatewayProcess] = []
+
+    def start(*args: str, env: dict[str, str] | None = None) -> GatewayProcess:
+        port = free_port()
+        argv = [sys.executable, "-m", "dynamo_gateway.cli", "serve", "--port", str(port)]
+        if "--model" not in args:
+            argv += ["--model", str(demo_model)]
+        if "--engine" not in args:
+            argv += ["--engine", "mocker"]
+        argv += list(args)
+        log_path = tmp_path / f"gateway-{port}.log"
+        with log_path.open("wb") as log:
+            process = subprocess.Popen(
+                argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **(env or {})},
+            )
+        gw = GatewayProcess(f"http://127.0.0.1:{port}", port, process, log_path, argv)
+        started.append(gw)
+        try:
+            wait_ready(gw.url, process)
+        except (RuntimeError, TimeoutError) as exc:
+            raise RuntimeError(f"{exc}\n--- gateway log ---\n{gw.log()}") from None
+        return gw
+
+    yield start
+    for gw in started:
+        gw.stop()

@@ -1,0 +1,40 @@
+"""The ``nixl`` KV-transport factory; NIXL is imported here, only when a transport is built."""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+from dynamo_gateway.errors import ConfigError
+from dynamo_gateway_nixl import __version__
+
+INSTALL_HINT = "pip install --no-deps nixl==1.5.1 nixl-cu12==1.5.1"
+
+
+def import_nixl() -> ModuleType:
+    """Import NIXL, or raise `ConfigError` saying how to install it."""
+    try:
+        return importlib.import_module("nixl")
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("nixl", None):
+            raise ConfigError(
+                f"NIXL is installed but cannot be imported ({exc}); reinstall it: {INSTALL_HINT}"
+            ) from exc
+        raise ConfigError(f"the nixl KV transport needs NIXL: {INSTALL_HINT}") from None
+    except ImportError as exc:
+        raise ConfigError(
+            f"NIXL is installed but cannot be imported ({exc}); reinstall it: {INSTALL_HINT}"
+        ) from exc
+
+
+def build_transport(context: object) -> object:
+    """Build one worker's NIXL transport (registered as ``nixl``).
+
+    The KV-transport interface, and so the type of ``context``, lands with the
+    disaggregated-serving subsystem.
+    """
+    import_nixl()
+    raise ConfigError(
+        f"the nixl KV transport integration is not implemented yet in dynamo-gateway-nixl "
+        f"{__version__}; pick another KV transport for now (see `dynamo-gateway plugins`)"
+    )

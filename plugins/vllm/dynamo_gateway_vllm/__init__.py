@@ -1,0 +1,7 @@
+"""dynamo-gateway plugin that registers the ``vllm`` engine."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__"]
