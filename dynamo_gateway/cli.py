@@ -147,9 +147,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     _setup_logging(settings.log_level)
 
     def ready(url: str) -> None:
-        print(f"dynamo-gateway serving {settings.served_model_name or settings.model.name} "
-              f"on {url} (engine={settings.engine}, workers={settings.workers}, "
-              f"router={settings.router})", flush=True)
+        print(
+            f"dynamo-gateway serving {settings.served_model_name or settings.model.name} "
+            f"on {url} (engine={settings.engine}, workers={settings.workers}, "
+            f"router={settings.router})",
+            flush=True,
+        )
 
     run_async(serve(settings, ready=ready))
     return 0
@@ -161,7 +164,7 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
 
     settings = load_settings()
     plugins = load_plugins(only=settings.plugins, trace=settings.trace_hooks)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for info in plugins.loaded:
         rows.append(
             {

@@ -14,6 +14,7 @@ import logging
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import Any
 
 import pluggy
@@ -114,7 +115,7 @@ def _load_entry_points(pm: pluggy.PluginManager, only: Sequence[str] | None) -> 
             continue
         try:
             plugin = ep.load()
-        except Exception as exc:  # a broken third-party plugin must not hide the others
+        except Exception as exc:  # say which plugin broke, instead of a bare traceback
             raise ConfigError(
                 f"plugin {ep.name!r} ({ep.value}) failed to import: {exc}; "
                 f"fix or uninstall it, or leave it out of DYNAMO_GATEWAY_PLUGINS"
@@ -157,8 +158,26 @@ def _run_registration_hooks(pm: pluggy.PluginManager, registry: Registry, *, tra
 def _registrar(family: Family[Any], plugin: str) -> Callable[..., None]:
     def register(name: str, factory: Any, description: str = "") -> None:
         if not callable(factory):
-            raise ConfigError(f"plugin {plugin!r} registered {family.kind} {name!r} "
-                              "with a factory that is not callable")
+            raise ConfigError(
+                f"plugin {plugin!r} registered {family.kind} {name!r} "
+                "with a factory that is not callable"
+            )
         family.add(name, factory, plugin=plugin, description=description)
 
     return register
+
+
+def import_optional(module: str, *, needed_by: str, hint: str) -> ModuleType:
+    """Import an engine or transport library from inside a plugin's factory.
+
+    Raises `ConfigError` that says what to install when the library is missing,
+    or that it is broken when it is installed but fails to import.
+    """
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name is None or module == exc.name or module.startswith(f"{exc.name}."):
+            raise ConfigError(f"{needed_by} needs {module}: {hint}") from None
+        raise ConfigError(f"{module} is installed but cannot be imported ({exc}): {hint}") from exc
+    except ImportError as exc:
+        raise ConfigError(f"{module} is installed but cannot be imported ({exc}): {hint}") from exc

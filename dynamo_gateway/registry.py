@@ -92,13 +92,9 @@ class Registry:
 
     engines: Family[EngineFactory] = field(default_factory=lambda: Family("engine"))
     routers: Family[RouterFactory] = field(default_factory=lambda: Family("router"))
-    kv_transports: Family[ComponentFactory] = field(
-        default_factory=lambda: Family("KV transport")
-    )
+    kv_transports: Family[ComponentFactory] = field(default_factory=lambda: Family("KV transport"))
     cache_tiers: Family[ComponentFactory] = field(default_factory=lambda: Family("cache tier"))
-    discovery: Family[ComponentFactory] = field(
-        default_factory=lambda: Family("discovery backend")
-    )
+    discovery: Family[ComponentFactory] = field(default_factory=lambda: Family("discovery backend"))
     event_planes: Family[ComponentFactory] = field(
         default_factory=lambda: Family("event-plane backend")
     )

@@ -8,7 +8,8 @@ import contextlib
 import logging
 import signal
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
 
 from starlette.types import ASGIApp
 
@@ -102,7 +103,9 @@ async def run_http(
     await task
 
 
-def _hypercorn(app: ASGIApp, settings: Settings, stop: asyncio.Event) -> Callable[[], Awaitable[None]]:
+def _hypercorn(
+    app: ASGIApp, settings: Settings, stop: asyncio.Event
+) -> Callable[[], Coroutine[Any, Any, None]]:
     from hypercorn.asyncio import serve as hypercorn_serve
     from hypercorn.config import Config
 
@@ -118,16 +121,20 @@ def _hypercorn(app: ASGIApp, settings: Settings, stop: asyncio.Event) -> Callabl
     config.h11_max_incomplete_size = max(config.h11_max_incomplete_size, 64 * 1024)
 
     async def run() -> None:
-        await hypercorn_serve(app, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
+        await hypercorn_serve(app, config, shutdown_trigger=stop.wait)
 
     return run
 
 
-def _uvicorn(app: ASGIApp, settings: Settings, stop: asyncio.Event) -> Callable[[], Awaitable[None]]:
+def _uvicorn(
+    app: ASGIApp, settings: Settings, stop: asyncio.Event
+) -> Callable[[], Coroutine[Any, Any, None]]:
     try:
         import uvicorn
     except ImportError:
-        raise ConfigError("--server uvicorn needs uvicorn: pip install 'uvicorn[standard]'") from None
+        raise ConfigError(
+            "--server uvicorn needs uvicorn: pip install 'uvicorn[standard]'"
+        ) from None
     fe = settings.frontend
     config = uvicorn.Config(
         app,

@@ -48,6 +48,22 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+MARKERS = {
+    "gpu": "needs an NVIDIA GPU (CUDA)",
+    "vllm": "needs vLLM installed",
+    "sglang": "needs SGLang installed",
+    "trtllm": "needs TensorRT-LLM installed",
+    "nixl": "needs NIXL installed",
+    "slow": "takes more than a few seconds; run with --run-slow",
+}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Declared here too, so plugin packages testing with --strict-markers get them.
+    for name, doc in MARKERS.items():
+        config.addinivalue_line("markers", f"{name}: {doc}")
+
+
 def _cuda_available() -> bool:
     try:
         import torch
@@ -60,14 +76,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     run_slow = config.getoption("--run-slow")
     require = config.getoption("--require-engines")
     for item in items:
-        if "slow" in item.keywords and not run_slow:
+        # get_closest_marker, not item.keywords: keywords also hold the names of
+        # the folders above the test (plugins/vllm/... would count as `vllm`).
+        if item.get_closest_marker("slow") and not run_slow:
             item.add_marker(pytest.mark.skip(reason="slow test: use --run-slow"))
         missing = [
             marker
             for marker, module in ENGINE_MARKERS.items()
-            if marker in item.keywords and importlib.util.find_spec(module) is None
+            if item.get_closest_marker(marker) and importlib.util.find_spec(module) is None
         ]
-        if "gpu" in item.keywords and not _cuda_available():
+        if item.get_closest_marker("gpu") and not _cuda_available():
             missing.append("gpu")
         if missing:
             reason = f"needs {', '.join(missing)} (not available here)"
@@ -145,9 +163,7 @@ def wait_ready(url: str, process: subprocess.Popen[bytes], timeout: float = 60.0
 
 
 @pytest.fixture
-def gateway_server(
-    tmp_path: Path, demo_model: Path
-) -> Iterator[Callable[..., GatewayProcess]]:
+def gateway_server(tmp_path: Path, demo_model: Path) -> Iterator[Callable[..., GatewayProcess]]:
     """Factory: ``gateway_server("--workers", "2", ...)`` starts `serve` on a free port.
 
     The demo model and the mocker engine are the defaults; pass ``--model`` or

@@ -106,6 +106,17 @@ class ResponseParser:
 
     def feed(self, data: bytes) -> bytes:
         """Consume ``data`` and return the body bytes it contained."""
+        if self._state == _CHUNK_SIZE and not self._buf:
+            # Hot path: a streamed response whose read holds exactly one whole chunk (what
+            # most reads of an SSE stream look like). Anything else takes the general path.
+            eol = data.find(b"\r\n")
+            if eol > 0:
+                try:
+                    size = int(data[:eol], 16)
+                except ValueError:
+                    size = 0
+                if size > 0 and eol + size + 4 == len(data) and data.endswith(b"\r\n"):
+                    return data[eol + 2 : eol + 2 + size]
         if data:
             self.received_any = True
         if self._buf:
@@ -125,22 +136,29 @@ class ResponseParser:
                     if n - pos > MAX_LINE_BYTES:
                         raise HTTPParseError("chunk size line too long")
                     break
-                line = data[pos:eol]
-                semi = line.find(b";")
-                if semi >= 0:  # chunk extensions: ignored
-                    line = line[:semi]
                 try:
-                    size = int(line, 16)
+                    size = int(data[pos:eol], 16)
                 except ValueError:
-                    raise HTTPParseError(f"bad chunk size {line[:40]!r}") from None
+                    size = _chunk_size_slow(data[pos:eol])
                 if size < 0:
-                    raise HTTPParseError(f"bad chunk size {line[:40]!r}")
-                pos = eol + 2
+                    raise HTTPParseError(f"bad chunk size {data[pos:eol][:40]!r}")
+                start = eol + 2
                 if size == 0:
+                    pos = start
                     state = _TRAILERS
-                else:
-                    self._remaining = size
-                    state = _CHUNK_DATA
+                    continue
+                end = start + size
+                if end + 2 <= n:
+                    # Fast path: the whole chunk and its CRLF are here (the common case
+                    # for SSE, where each event is one chunk).
+                    if data[end : end + 2] != b"\r\n":
+                        raise HTTPParseError("missing CRLF after chunk data")
+                    parts.append(data[start:end])
+                    pos = end + 2
+                    continue
+                pos = start
+                self._remaining = size
+                state = _CHUNK_DATA
             elif state == _CHUNK_DATA:
                 end = pos + self._remaining
                 if end <= n:
@@ -272,6 +290,15 @@ class ResponseParser:
         return _UNTIL_CLOSE
 
 
+def _chunk_size_slow(line: bytes) -> int:
+    """Chunk size of a line with chunk extensions (``1a;name=value``), which are ignored."""
+    semi = line.find(b";")
+    try:
+        return int(line[:semi] if semi >= 0 else line, 16)
+    except ValueError:
+        raise HTTPParseError(f"bad chunk size {line[:40]!r}") from None
+
+
 class SSEDecoder:
     """Incremental Server-Sent-Events splitter.
 
@@ -288,6 +315,10 @@ class SSEDecoder:
 
     def feed(self, data: bytes) -> list[bytes]:
         """Consume ``data``; return the payloads of the events it completed."""
+        if not self._buf and data.startswith(b"data: ") and data.find(b"\n") == len(data) - 2:
+            # Hot path: exactly one complete single-line event (``data.find`` returning
+            # ``len - 2`` means the only newlines are the terminating ``\n\n``).
+            return [data[6:-2]]
         buf = self._buf + data if self._buf else data
         if b"\r" in buf:
             # Normalise on the joined buffer so a CRLF split across reads is handled too.

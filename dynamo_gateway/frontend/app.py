@@ -73,8 +73,12 @@ class Gateway:
 
     def _worker_metrics(self) -> Iterable[Metric]:
         workers = gauge("workers", "Live workers, by model and role", ["model", "role"])
-        active = gauge("worker_active_requests", "Requests running on a worker", ["model", "worker"])
-        waiting = gauge("worker_waiting_requests", "Requests queued on a worker", ["model", "worker"])
+        active = gauge(
+            "worker_active_requests", "Requests running on a worker", ["model", "worker"]
+        )
+        waiting = gauge(
+            "worker_waiting_requests", "Requests queued on a worker", ["model", "worker"]
+        )
         used = gauge("worker_kv_blocks_used", "KV blocks in use on a worker", ["model", "worker"])
         total = gauge("worker_kv_blocks_total", "KV capacity of a worker", ["model", "worker"])
         for name, pool in self.manager.pools.items():

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from dynamo_gateway.errors import EngineError, UnavailableError
@@ -62,7 +62,7 @@ class ChoiceRun:
         self.logprobs: list[TokenLogprob] = []
         self.text_len = 0
 
-    def outputs(self) -> AsyncIterator[EngineOutput]:
+    def outputs(self) -> AsyncGenerator[EngineOutput, None]:
         c = self.choice
         return self.prep.pool.stream(c.route, c.engine_request)
 
@@ -85,7 +85,7 @@ class ChoiceRun:
             self.error = EngineError(out.error or "the engine failed the request")
         return True
 
-    async def chunks(self, enc: ChunkEncoder, first_index: bool = True) -> AsyncIterator[bytes]:
+    async def chunks(self, enc: ChunkEncoder) -> AsyncGenerator[bytes, None]:
         """Streamed chunks for this choice, ending with its finish chunk."""
         index = self.choice.index
         detok = self.detok
@@ -175,7 +175,7 @@ def _account(prep: Prepared, runs: list[ChoiceRun], metrics: ModelMetrics) -> di
     return usage
 
 
-async def stream_response(prep: Prepared, metrics: ModelMetrics) -> AsyncIterator[bytes]:
+async def stream_response(prep: Prepared, metrics: ModelMetrics) -> AsyncGenerator[bytes, None]:
     """The SSE body of a streaming request, `data: [DONE]` included."""
     enc = ChunkEncoder(
         chat=prep.chat, response_id=prep.response_id, created=prep.created, model=prep.model
@@ -199,13 +199,15 @@ async def stream_response(prep: Prepared, metrics: ModelMetrics) -> AsyncIterato
     yield tail + DONE
 
 
-async def _merge(streams: list[AsyncIterator[bytes]]) -> AsyncIterator[bytes]:
+async def _merge(
+    streams: list[AsyncGenerator[bytes, None]],
+) -> AsyncGenerator[bytes, None]:
     """Interleave several chunk streams as their chunks arrive."""
     queue: asyncio.Queue[bytes | None] = asyncio.Queue()
 
-    async def pump(stream: AsyncIterator[bytes]) -> None:
+    async def pump(stream: AsyncGenerator[bytes, None]) -> None:
         try:
-            async with contextlib.aclosing(stream) as s:  # type: ignore[type-var]
+            async with contextlib.aclosing(stream) as s:
                 async for chunk in s:
                     queue.put_nowait(chunk)
         finally:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 
 import msgspec
 from starlette.requests import Request
@@ -150,7 +150,7 @@ class SSEResponse(Response):
 
     def __init__(
         self,
-        chunks: AsyncIterator[bytes],
+        chunks: AsyncGenerator[bytes, None],
         watcher: DisconnectWatcher,
         on_close: Callable[[bool], None],
     ) -> None:
@@ -164,9 +164,7 @@ class SSEResponse(Response):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         disconnected = False
         try:
-            await send(
-                {"type": "http.response.start", "status": 200, "headers": self.raw_headers}
-            )
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
             async for chunk in self._chunks:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -178,5 +176,5 @@ class SSEResponse(Response):
             disconnected = True
         finally:
             self._watcher.stop()
-            await self._chunks.aclose()  # type: ignore[attr-defined]
+            await self._chunks.aclose()
             self._on_close(disconnected)

@@ -46,20 +46,27 @@ class FrontendMetrics:
             registry=r,
         )
         self.errors = Counter(
-            f"{PREFIX}_errors", "Requests that ended in an error, by error type", ["type"],
+            f"{PREFIX}_errors",
+            "Requests that ended in an error, by error type",
+            ["type"],
             registry=r,
         )
         self.inflight = Gauge(
             f"{PREFIX}_inflight_requests", "Requests in flight, by model", ["model"], registry=r
         )
         self.ttft = Histogram(
-            f"{PREFIX}_time_to_first_token_seconds", "Time to first token", ["model"],
-            buckets=_LATENCY_BUCKETS, registry=r,
+            f"{PREFIX}_time_to_first_token_seconds",
+            "Time to first token",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.itl = Histogram(
             f"{PREFIX}_inter_token_latency_seconds",
             "Time between streamed chunks, divided by the tokens in the chunk",
-            ["model"], buckets=_ITL_BUCKETS, registry=r,
+            ["model"],
+            buckets=_ITL_BUCKETS,
+            registry=r,
         )
         self.input_tokens = Counter(
             f"{PREFIX}_input_tokens", "Prompt tokens", ["model"], registry=r
@@ -68,7 +75,9 @@ class FrontendMetrics:
             f"{PREFIX}_output_tokens", "Generated tokens", ["model"], registry=r
         )
         self.cached_tokens = Counter(
-            f"{PREFIX}_cached_tokens", "Prompt tokens served from the prefix cache", ["model"],
+            f"{PREFIX}_cached_tokens",
+            "Prompt tokens served from the prefix cache",
+            ["model"],
             registry=r,
         )
         self._models: dict[str, ModelMetrics] = {}

@@ -82,7 +82,9 @@ async def prepare_chat(
         messages.append(msg)
     text = template.render(messages, add_generation_prompt=True)
     ids = await _encode(pool, text, add_special_tokens=False)
-    max_tokens = _max_tokens(pool, len(ids), req.max_completion_tokens or req.max_tokens, "messages")
+    max_tokens = _max_tokens(
+        pool, len(ids), req.max_completion_tokens or req.max_tokens, "messages"
+    )
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     sampling = _sampling(req, max_tokens, logprobs)
     rid = _new_id("chatcmpl")

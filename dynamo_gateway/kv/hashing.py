@@ -44,9 +44,7 @@ def chain_hash(parent: int | None, local: int) -> int:
     return _xxh3(_pack_pair(parent, local), SEED)
 
 
-def sequence_hashes(
-    tokens: Sequence[int], block_size: int, parent: int | None = None
-) -> list[int]:
+def sequence_hashes(tokens: Sequence[int], block_size: int, parent: int | None = None) -> list[int]:
     """Sequence hash of each full block; `parent` continues an earlier chain."""
     out: list[int] = []
     for local in local_block_hashes(tokens, block_size):

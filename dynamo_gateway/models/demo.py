@@ -129,7 +129,10 @@ def build_demo_model(out_dir: Path, *, progress: bool = False) -> Path:
 
     report("generating random weights")
     tensors = _weights(vocab_size)
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    weights_file = out / "model.safetensors"
+    save_file(tensors, str(weights_file), metadata={"format": "pt"})
+    # safetensors creates the file owner-only; make it readable like the others.
+    weights_file.chmod(0o644)
     params = sum(int(t.size) for t in tensors.values())
     (out / "README.md").write_text(
         _README.format(

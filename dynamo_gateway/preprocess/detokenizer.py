@@ -138,7 +138,8 @@ class IncrementalDetokenizer:
         # Decode with the preceding ids as context and keep what they add, so a
         # decoder's start-of-text rules (e.g. SentencePiece's leading space) match
         # the stream's.
-        context = [self._context] if isinstance(self._context, int) else self._context
+        # Not isinstance(int): ids may be NumPy integers.
+        context = self._context if isinstance(self._context, list) else [self._context]
         skip = self._skip_special_tokens
         before: str = self._raw.decode(context, skip_special_tokens=skip) if context else ""
         full: str = self._raw.decode(context + self._unflushed, skip_special_tokens=skip)

@@ -54,7 +54,9 @@ class EngineRequest(msgspec.Struct, frozen=True, kw_only=True):
     prompt_token_ids: list[int]
     sampling: SamplingParams
     # Set by the frontend when it resumes a request on another worker: tokens already
-    # streamed to the client, appended to the prompt and not counted again.
+    # streamed to the client. The engine treats them as part of the prompt and
+    # generates `sampling.max_tokens - len(resumed_token_ids)` new tokens, so that
+    # `max_tokens` keeps meaning the whole completion's length.
     resumed_token_ids: list[int] = []
     version: int = WIRE_VERSION
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
-from dynamo_gateway.router.base import NoWorkerError, RouteRequest, RouterBase, WorkerView
+from dynamo_gateway.router.base import NoWorkerError, RouterBase, RouteRequest, WorkerView
 
 
 def _check(workers: Sequence[WorkerView]) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import TYPE_CHECKING, Protocol
 
 from dynamo_gateway.engines.base import Engine
@@ -20,7 +20,13 @@ from dynamo_gateway.models.card import ModelCard
 from dynamo_gateway.preprocess import ChatTemplate, Tokenizer
 from dynamo_gateway.protocol.engine import EngineOutput, EngineRequest, LoadMetrics
 from dynamo_gateway.protocol.kv_events import KvEvent
-from dynamo_gateway.router.base import NoWorkerError, RouteRequest, Router, RouterContext, WorkerView
+from dynamo_gateway.router.base import (
+    NoWorkerError,
+    Router,
+    RouterContext,
+    RouteRequest,
+    WorkerView,
+)
 from dynamo_gateway.runtime.discovery import ChangeKind, Discovery, DiscoveryEvent, WorkerRecord
 from dynamo_gateway.runtime.events import EventPlane, kv_events_topic
 
@@ -137,7 +143,7 @@ class ModelPool:
 
     async def stream(
         self, route: RouteRequest, request: EngineRequest
-    ) -> AsyncIterator[EngineOutput]:
+    ) -> AsyncGenerator[EngineOutput, None]:
         """Route `request` and stream its outputs; bookkeeping survives any exit."""
         worker = self.select(route)
         view = worker.view
@@ -203,12 +209,12 @@ class ModelManager:
             pool.add(self.resolver(record))
             log.info("worker %s joined model %s", record.worker_id, record.model)
         else:
-            pool = self.pools.get(record.model)
-            if pool is not None:
-                pool.remove(record.worker_id)
+            leaving = self.pools.get(record.model)
+            if leaving is not None:
+                leaving.remove(record.worker_id)
                 log.info("worker %s left model %s", record.worker_id, record.model)
-                if not pool.workers:
-                    self._drop_pool(pool)
+                if not leaving.workers:
+                    self._drop_pool(leaving)
         self.changed.set()
         self.changed.clear()
 
@@ -221,9 +227,7 @@ class ModelManager:
         tokenizer = Tokenizer.from_dir(card.path)
         template = ChatTemplate.from_dir(card.path)
         router_factory = self.registry.routers.get(self.settings.router)
-        router = router_factory(
-            RouterContext(self.settings, record.model, record.block_size)
-        )
+        router = router_factory(RouterContext(self.settings, record.model, record.block_size))
         pool = ModelPool(card, tokenizer, template, router)
         if self.events is not None:
             pool.kv_events_task = asyncio.get_running_loop().create_task(

@@ -13,9 +13,7 @@ from dynamo_gateway.testing import GatewayProcess
 
 
 @pytest.fixture(scope="module")
-def gateway(
-    tmp_path_factory: pytest.TempPathFactory, demo_model: object
-) -> GatewayProcess:
+def gateway(tmp_path_factory: pytest.TempPathFactory, demo_model: object) -> GatewayProcess:
     # One shared server for the read-only tests of this module.
     import subprocess
     import sys

@@ -101,6 +101,7 @@ def test_overload_gets_429_with_retry_after_and_recovers(
             oa.completions.create(model="demo", prompt="x", max_tokens=2)
         for r in held:
             r.close()
+
     # Once the held streams are gone, requests are admitted again.
     def admitted() -> bool:
         r = httpx.post(

@@ -37,7 +37,7 @@ def test_chatml_rendering() -> None:
 
 
 def test_list_and_null_content() -> None:
-    messages = [
+    messages: list[dict[str, Any]] = [
         {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
         {"role": "assistant", "content": None, "tool_calls": []},
     ]

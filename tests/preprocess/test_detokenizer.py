@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
+from itertools import pairwise
 
 import pytest
 from hypothesis import given, settings
@@ -227,13 +227,13 @@ def test_empty_and_duplicate_stop_strings_are_ignored(tok: Tokenizer) -> None:
     assert detok.push(tok.encode("abc", add_special_tokens=False)) == "abc"
 
 
-ALPHABET = st.sampled_from(list("ab ST\n,.") + ["é", "ß", "日", "本", "😀", "🚀", " the", "OP"])
+ALPHABET = st.sampled_from([*"ab ST\n,.", "é", "ß", "日", "本", "😀", "🚀", " the", "OP"])
 TEXTS = st.lists(ALPHABET, min_size=0, max_size=30).map("".join)
 
 
 def _chunked(ids: list[int], cuts: list[int]) -> list[list[int]]:
     points = sorted({c % (len(ids) + 1) for c in cuts} | {0, len(ids)})
-    return [ids[a:b] for a, b in zip(points, points[1:], strict=False)]
+    return [ids[a:b] for a, b in pairwise(points)]
 
 
 @settings(max_examples=150, deadline=None)

@@ -21,8 +21,8 @@ Rules, which the tests pin down exactly:
   tail of the *evictable* LRU list, where it stays cached and reusable. Freeing a
   sequence walks its blocks from last to first, so its last block sits nearest
   the LRU head and is evicted first, and prefixes survive longest. A fresh block
-  comes from the uncached stack first (never-used blocks in ascending id order
-  at start-up), then from the LRU head, which emits `BlockRemoved` for its hash.
+  comes from the uncached stack first, then from the never-used blocks in
+  ascending id order, then from the LRU head, which emits `BlockRemoved`.
   Reusing a cached free block (a prefix hit) takes it out of the LRU list.
 * **Events** are queued in order and handed out by `drain_events()`; removals
   that follow each other are merged into one `BlockRemoved`, and consecutive new
@@ -31,6 +31,7 @@ Rules, which the tests pin down exactly:
 
 from __future__ import annotations
 
+from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
 
@@ -73,10 +74,12 @@ class BlockManager:
         self._num_blocks = num_blocks
         self._block_size = block_size
         self._record = record_events
-        self._ref = [0] * num_blocks
-        self._hash: list[int | None] = [None] * num_blocks
-        # Reversed so that pop() hands out block 0 first.
-        self._uncached: list[int] = list(range(num_blocks - 1, -1, -1))
+        # Memory stays O(blocks in use) and out of the GC's sight (an `array` is not
+        # tracked): a process may hold hundreds of pools of tens of thousands of blocks.
+        self._ref = array("i", [0]) * num_blocks
+        self._next_unused = 0  # blocks >= this were never handed out
+        self._uncached: list[int] = []  # freed blocks that hold no cached hash (LIFO)
+        self._hash: dict[int, int] = {}  # block id -> sequence hash, for cached blocks
         self._lru: OrderedDict[int, None] = OrderedDict()
         self._cached: dict[int, int] = {}  # sequence hash -> block id
         self._events: list[KvEventData] = []
@@ -95,12 +98,12 @@ class BlockManager:
     @property
     def num_free(self) -> int:
         """Blocks that an allocation can take: uncached ones plus evictable cached ones."""
-        return len(self._uncached) + len(self._lru)
+        return self._num_blocks - self._next_unused + len(self._uncached) + len(self._lru)
 
     @property
     def num_used(self) -> int:
         """Blocks referenced by at least one live sequence."""
-        return self._num_blocks - len(self._uncached) - len(self._lru)
+        return self._next_unused - len(self._uncached) - len(self._lru)
 
     @property
     def num_cached(self) -> int:
@@ -119,7 +122,7 @@ class BlockManager:
 
     def block_hash(self, block_id: int) -> int | None:
         """The sequence hash a block is cached under, or None."""
-        return self._hash[block_id]
+        return self._hash.get(block_id)
 
     def eviction_order(self) -> list[int]:
         """Evictable cached blocks, the next one to be evicted first."""
@@ -210,12 +213,13 @@ class BlockManager:
     def _take_fresh(self) -> int:
         if self._uncached:
             bid = self._uncached.pop()
+        elif self._next_unused < self._num_blocks:
+            bid = self._next_unused
+            self._next_unused += 1
         else:
             bid, _ = self._lru.popitem(last=False)
-            h = self._hash[bid]
-            assert h is not None
+            h = self._hash.pop(bid)
             del self._cached[h]
-            self._hash[bid] = None
             if self._record:
                 self._removed.append(h)
         self._ref[bid] = 1
@@ -271,10 +275,10 @@ class BlockManager:
         for bid in reversed(seq.block_ids):
             ref[bid] -= 1
             if ref[bid] == 0:
-                if self._hash[bid] is None:
-                    self._uncached.append(bid)
-                else:
+                if bid in self._hash:
                     self._lru[bid] = None
+                else:
+                    self._uncached.append(bid)
         seq.block_ids = []
         seq.num_registered = 0
 
@@ -285,12 +289,9 @@ class BlockManager:
         live sequences still reference stay theirs but are no longer cached (so a
         later eviction never reports a hash the consumer was told is gone).
         """
-        for bid in self._lru:
-            self._hash[bid] = None
-            self._uncached.append(bid)
+        self._uncached.extend(self._lru)
         self._lru.clear()
-        for bid in self._cached.values():
-            self._hash[bid] = None
+        self._hash.clear()
         self._cached.clear()
         if self._record:
             self._removed.clear()  # subsumed by the clear

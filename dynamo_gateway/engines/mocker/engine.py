@@ -37,8 +37,12 @@ __all__ = ["MockerEngine"]
 
 log = logging.getLogger(__name__)
 
-# Below this a timer is pointless: just let the other tasks run.
-_MIN_SLEEP_S = 1e-6
+# Event-loop timers have about 1 ms resolution (epoll rounds up), so shorter steps
+# only yield to other tasks and carry their time on the simulated clock until it is
+# this far ahead of the wall clock.
+_MIN_SLEEP_S = 1e-3
+# Oversleeping up to this much is made up by running the next steps back to back.
+_MAX_LAG_S = 5e-3
 
 _NOWHERE, _WAITING, _RUNNING = 0, 1, 2
 
@@ -141,6 +145,7 @@ class MockerEngine(EngineBase):
         self._event_id = 0
         self._num_preemptions = 0
         self._num_steps = 0
+        self._clock = 0.0  # loop time at which the simulated step in flight ends
 
     # -- Engine protocol --------------------------------------------------------------
 
@@ -307,19 +312,26 @@ class MockerEngine(EngineBase):
     # -- the step loop ----------------------------------------------------------------
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._clock = loop.time()
         try:
             while True:
                 if not self._running and not self._waiting:
                     self._wake.clear()
                     await self._wake.wait()
+                    self._clock = loop.time()  # idle time is not owed to anyone
                     continue
                 batch, prefill_tokens, decode_blocks = self._schedule()
-                if not batch:  # defensive: nothing could move, wait for a change
-                    self._wake.clear()
-                    await self._wake.wait()
+                if not batch:
+                    # Scheduling only finished or preempted requests (e.g. the last
+                    # running one hit the KV capacity): the next pass admits.
+                    await asyncio.sleep(0)
                     continue
+                now = loop.time()
                 duration = self._timing.step_seconds(prefill_tokens, decode_blocks)
-                await asyncio.sleep(duration if duration >= _MIN_SLEEP_S else 0)
+                self._clock = max(self._clock, now - _MAX_LAG_S) + duration
+                ahead = self._clock - now
+                await asyncio.sleep(ahead if ahead >= _MIN_SLEEP_S else 0)
                 self._complete(batch)
                 self._num_steps += 1
                 self._publish_events()

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import xxhash
+from tokenizers import Tokenizer
 
 from dynamo_gateway.errors import ConfigError
 from dynamo_gateway.protocol.engine import TokenLogprob
@@ -174,8 +175,6 @@ def load_word_source(
     with _cache_lock:
         source = _cache.get(key)
         if source is None:
-            from tokenizers import Tokenizer
-
             try:
                 tokenizer = Tokenizer.from_file(str(path))
             except Exception as exc:  # the library raises a bare Exception

@@ -2,29 +2,18 @@
 
 from __future__ import annotations
 
-import importlib
 from types import ModuleType
 
 from dynamo_gateway.errors import ConfigError
+from dynamo_gateway.plugins import import_optional
 from dynamo_gateway_nixl import __version__
 
 INSTALL_HINT = "pip install --no-deps nixl==1.5.1 nixl-cu12==1.5.1"
 
 
 def import_nixl() -> ModuleType:
-    """Import NIXL, or raise `ConfigError` saying how to install it."""
-    try:
-        return importlib.import_module("nixl")
-    except ModuleNotFoundError as exc:
-        if exc.name not in ("nixl", None):
-            raise ConfigError(
-                f"NIXL is installed but cannot be imported ({exc}); reinstall it: {INSTALL_HINT}"
-            ) from exc
-        raise ConfigError(f"the nixl KV transport needs NIXL: {INSTALL_HINT}") from None
-    except ImportError as exc:
-        raise ConfigError(
-            f"NIXL is installed but cannot be imported ({exc}); reinstall it: {INSTALL_HINT}"
-        ) from exc
+    """Import nixl, or raise `ConfigError` saying how to install it."""
+    return import_optional("nixl", needed_by="the nixl KV transport", hint=INSTALL_HINT)
 
 
 def build_transport(context: object) -> object:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import importlib
 from types import ModuleType
 from typing import TYPE_CHECKING
 
 from dynamo_gateway.errors import ConfigError
+from dynamo_gateway.plugins import import_optional
 from dynamo_gateway_sglang import __version__
 
 if TYPE_CHECKING:
@@ -16,21 +16,10 @@ INSTALL_HINT = "pip install 'dynamo-gateway-sglang[engine]' on a machine with an
 
 
 def import_sglang() -> ModuleType:
-    """Import SGLang, or raise `ConfigError` saying how to install it."""
-    try:
-        return importlib.import_module("sglang")
-    except ModuleNotFoundError as exc:
-        if exc.name not in ("sglang", None):
-            raise ConfigError(
-                f"SGLang is installed but cannot be imported ({exc}); reinstall it: {INSTALL_HINT}"
-            ) from exc
-        raise ConfigError(
-            f"the sglang engine needs SGLang, which needs an NVIDIA GPU: {INSTALL_HINT}"
-        ) from None
-    except ImportError as exc:
-        raise ConfigError(
-            f"SGLang is installed but cannot be imported ({exc}); reinstall it: {INSTALL_HINT}"
-        ) from exc
+    """Import sglang, or raise `ConfigError` saying how to install it."""
+    return import_optional(
+        "sglang", needed_by="the sglang engine (NVIDIA GPU only)", hint=INSTALL_HINT
+    )
 
 
 def build_engine(context: EngineContext) -> Engine:

