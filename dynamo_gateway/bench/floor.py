@@ -77,7 +77,12 @@ def _canned_chunks(kind: str, model: str) -> tuple[bytes, bytes]:
                 "finish_reason": finish,
             }
     else:
-        base = {"id": "cmpl-floor", "object": "text_completion", "created": _CREATED, "model": model}
+        base = {
+            "id": "cmpl-floor",
+            "object": "text_completion",
+            "created": _CREATED,
+            "model": model,
+        }
 
         def choice(finish: str | None) -> dict[str, Any]:
             return {"index": 0, "text": _WORD, "logprobs": None, "finish_reason": finish}

@@ -21,6 +21,7 @@ index so that prefix caching cannot hide the prefill of later requests.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 import sys
 import time
@@ -40,8 +41,8 @@ Endpoint = Literal["chat", "completions"]
 
 #: Common English words that byte-level BPE vocabularies encode as one token each
 #: (with their leading space).
-_WORDS: tuple[str, ...] = tuple(
-    """the of and to in is you that it he was for on are as with his they at be this have
+_WORD_TEXT = """
+    the of and to in is you that it he was for on are as with his they at be this have
     from or one had by word but not what all were we when your can said there use an each
     which she do how their if will up other about out many then them these so some her would
     make like him into time has look two more write go see number no way could people my than
@@ -51,8 +52,9 @@ _WORDS: tuple[str, ...] = tuple(
     mean old any same tell boy follow came want show also around form three small set put end
     does another well large must big even such because turn here why ask went men read need
     land different home us move try kind hand picture again change off play spell air away
-    animal house point page letter mother answer found study still learn should world high""".split()
-)
+    animal house point page letter mother answer found study still learn should world high
+"""
+_WORDS: tuple[str, ...] = tuple(_WORD_TEXT.split())
 
 #: How many problems are kept verbatim in ``BenchResult.error_samples``.
 _MAX_ERROR_KINDS = 5
@@ -266,7 +268,7 @@ class _StreamRecorder:
         if self.error is not None:
             return RequestRecord(False, start, end, error=self._describe_error())
         times = self.times
-        itl = [b - a for a, b in zip(times, times[1:], strict=False)]
+        itl = [b - a for a, b in itertools.pairwise(times)]
         tokens = self.usage_tokens if self.usage_tokens is not None else len(times)
         ttft = times[0] - start if times else None
         return RequestRecord(True, start, end, ttft, itl, tokens, len(times))
@@ -408,7 +410,9 @@ async def _one_request(
         return RequestRecord(False, start, time.perf_counter(), error=f"timeout after {timeout}s")
     except Exception as exc:  # connection refused/reset, protocol errors: all count as errors
         msg = str(exc) or type(exc).__name__
-        return RequestRecord(False, start, time.perf_counter(), error=f"{type(exc).__name__}: {msg}")
+        return RequestRecord(
+            False, start, time.perf_counter(), error=f"{type(exc).__name__}: {msg}"
+        )
     return recorder.finish(start, end)
 
 
@@ -498,8 +502,7 @@ def format_summary(result: BenchResult) -> str:
     """A human-readable multi-line summary of ``result``."""
     c = result.config
     lines = [
-        f"target      {c.url}  model={c.model}  endpoint={c.endpoint}  "
-        f"stream={c.stream}",
+        f"target      {c.url}  model={c.model}  endpoint={c.endpoint}  stream={c.stream}",
         f"load        concurrency={c.concurrency}  requests={c.requests}  "
         f"input~{c.input_tokens} tok  output={c.output_tokens} tok  warmup={c.warmup}",
         f"completed   {result.requests} ok, {result.errors} errors in {result.duration_s:.2f} s",

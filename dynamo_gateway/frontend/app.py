@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import msgspec
@@ -27,6 +27,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from dynamo_gateway.errors import (
     ClientError,
@@ -44,6 +45,7 @@ from dynamo_gateway.frontend.http import (
     DisconnectWatcher,
     JSONBytes,
     SSEResponse,
+    Ticket,
     error_response,
     read_body,
 )
@@ -106,11 +108,12 @@ class Gateway:
     async def _generate(self, request: Request, *, chat: bool) -> Response:
         endpoint = "chat" if chat else "completions"
         model = "-"
-        self.keys.check(request)
-        ticket = self.admission.enter()
+        ticket: Ticket | None = None
         watcher: DisconnectWatcher | None = None
         handed_off = False
         try:
+            self.keys.check(request)
+            ticket = self.admission.enter()
             body = await read_body(request, self.settings.frontend.max_body_bytes)
             req: ChatCompletionRequest | CompletionRequest = (
                 decode_request(body, ChatCompletionRequest)
@@ -134,9 +137,11 @@ class Gateway:
             if prep.stream:
                 chunks = stream_response(prep, mm)
 
+                admitted = ticket
+
                 def on_close(disconnected: bool) -> None:
                     mm.inflight.dec()
-                    ticket.release()
+                    admitted.release()
                     status = CLIENT_CLOSED if disconnected else 200
                     self.metrics.requests.labels(model, endpoint, str(status)).inc()
 
@@ -164,7 +169,8 @@ class Gateway:
             )
         finally:
             if not handed_off:
-                ticket.release()
+                if ticket is not None:
+                    ticket.release()
                 if watcher is not None:
                     watcher.stop()
 
@@ -220,7 +226,43 @@ class Gateway:
         )
 
 
-def build_app(gateway: Gateway) -> Starlette:
+class GatewayApp:
+    """The ASGI app: generation requests go straight to their handlers, the rest
+    through starlette.
+
+    Starlette's middleware wraps `send` twice for every streamed chunk; the two
+    generation endpoints handle their own errors, so they skip that stack.
+    """
+
+    def __init__(self, gateway: Gateway, fallback: ASGIApp) -> None:
+        self.gateway = gateway
+        self.fallback = fallback
+        self._fast: dict[str, Callable[[Request], Awaitable[Response]]] = {
+            "/v1/chat/completions": gateway.chat_completions,
+            "/v1/completions": gateway.completions,
+        }
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            handler = self._fast.get(scope["path"])
+            if handler is not None:
+                try:
+                    response = await handler(Request(scope, receive))
+                except Exception as exc:  # a bug, not bad input: still an OpenAI body
+                    response = _internal_error(self.gateway, scope["path"], exc)
+                await response(scope, receive, send)
+                return
+        await self.fallback(scope, receive, send)
+
+
+def _internal_error(gateway: Gateway, path: str, exc: Exception) -> Response:
+    log.exception("unhandled error on %s", path, exc_info=exc)
+    gateway.metrics.errors.labels("server_error").inc()
+    body = error_body("internal server error", "server_error", code="internal_error")
+    return JSONBytes(msgspec.json.encode(body), status_code=500)
+
+
+def build_app(gateway: Gateway) -> GatewayApp:
     routes = [
         Route("/v1/chat/completions", gateway.chat_completions, methods=["POST"]),
         Route("/v1/completions", gateway.completions, methods=["POST"]),
@@ -244,12 +286,9 @@ def build_app(gateway: Gateway) -> Starlette:
         return error_response(exc)
 
     async def on_error(request: Request, exc: Exception) -> Response:
-        log.exception("unhandled error on %s", request.url.path, exc_info=exc)
-        gateway.metrics.errors.labels("server_error").inc()
-        body = error_body("internal server error", "server_error", code="internal_error")
-        return JSONBytes(msgspec.json.encode(body), status_code=500)
+        return _internal_error(gateway, request.url.path, exc)
 
-    return Starlette(
+    starlette = Starlette(
         routes=routes,
         exception_handlers={
             HTTPException: on_http_exception,
@@ -257,3 +296,4 @@ def build_app(gateway: Gateway) -> Starlette:
             Exception: on_error,
         },
     )
+    return GatewayApp(gateway, starlette)
