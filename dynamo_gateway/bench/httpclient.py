@@ -223,8 +223,8 @@ class ResponseParser:
             return b""
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    def feed_eof(self) -> bytes:
-        """The peer closed the connection; returns any final body bytes.
+    def feed_eof(self) -> None:
+        """The peer closed the connection.
 
         Completes a read-until-close body; for any other state the message stays incomplete
         (the caller reports the truncation).
@@ -232,7 +232,6 @@ class ResponseParser:
         if self._state == _UNTIL_CLOSE:
             self._state = _DONE
             self.complete = True
-        return b""
 
     def _parse_head(self, head: bytes) -> int:
         """Parse a status line + header block and return the next state."""
@@ -315,9 +314,14 @@ class SSEDecoder:
 
     def feed(self, data: bytes) -> list[bytes]:
         """Consume ``data``; return the payloads of the events it completed."""
-        if not self._buf and data.startswith(b"data: ") and data.find(b"\n") == len(data) - 2:
-            # Hot path: exactly one complete single-line event (``data.find`` returning
-            # ``len - 2`` means the only newlines are the terminating ``\n\n``).
+        if (
+            not self._buf
+            and data.endswith(b"\n\n")
+            and data.startswith(b"data: ")
+            and data.find(b"\n") == len(data) - 2
+        ):
+            # Hot path: exactly one complete single-line event (the first newline being
+            # the terminating ``\n\n`` means there is no other line).
             return [data[6:-2]]
         buf = self._buf + data if self._buf else data
         if b"\r" in buf:
@@ -567,6 +571,11 @@ class HTTPClient:
         self.connects += 1
         self._conn = conn
         return conn
+
+    async def connect(self) -> None:
+        """Open the connection now (if not open), so the first request does not pay for it."""
+        if self._conn is None or self._conn.closed:
+            await self._connect()
 
     async def request(self, data: bytes, handler: ResponseHandler) -> float:
         """Send ``data`` and wait for the response; returns the completion timestamp.

@@ -314,8 +314,8 @@ class _JSONRecorder:
             tokens = resp.usage.completion_tokens
         else:
             tokens = len(content.split()) if content else 0  # rough: whitespace words
-        events = 1 if content else 0
-        return RequestRecord(True, start, end, end - start, [], tokens, events)
+        # No SSE events without streaming: events_per_s stays an SSE-only figure.
+        return RequestRecord(True, start, end, end - start, [], tokens, 0)
 
 
 # -- request construction ----------------------------------------------------------------
@@ -450,6 +450,9 @@ async def run_bench(config: BenchConfig) -> BenchResult:
     factory = _RequestFactory(config, target)
     clients = [HTTPClient(target) for _ in range(config.concurrency)]
     try:
+        # Open every slot's connection up front so no measured request pays for a TCP
+        # handshake; failures are ignored here and surface as per-request errors.
+        await asyncio.gather(*(c.connect() for c in clients), return_exceptions=True)
         if config.warmup:
             await _run_phase(clients, factory, config, config.warmup, "w", None)
         progress = _Progress(config.requests, config.progress, "bench")

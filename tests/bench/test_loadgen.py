@@ -147,6 +147,7 @@ async def test_non_streaming_against_floor(floor_url: str, endpoint: str) -> Non
     assert result.errors == 0, result.error_samples
     assert result.requests == 40
     assert result.output_tokens == 40 * 20
+    assert result.events == 0  # no SSE
     _assert_ordered(result.ttft_ms)
     _assert_ordered(result.e2e_ms)
     assert result.itl_ms["p50"] is None
@@ -451,15 +452,16 @@ def test_malformed_responses_raise(raw: bytes) -> None:
 def test_sse_decoder_split_everywhere() -> None:
     stream = (
         b"data: a\n\n"
+        b"data: m1\ndata: m2\n\n"
         b": comment\n\n"
         b"event: x\r\ndata: b\r\ndata: c\r\n\r\n"
         b"data:d\n\n"
         b"id: 3\n\n"
         b"data: [DONE]\n\n"
     )
-    expected = [b"a", b"b\nc", b"d", b"[DONE]"]
+    expected = [b"a", b"m1\nm2", b"b\nc", b"d", b"[DONE]"]
     for i in range(len(stream) + 1):
-        for j in range(i, len(stream) + 1, 5):
+        for j in range(i, len(stream) + 1, 3):
             dec = SSEDecoder()
             out = dec.feed(stream[:i]) + dec.feed(stream[i:j]) + dec.feed(stream[j:])
             assert out == expected, (i, j)
@@ -471,6 +473,9 @@ def test_sse_decoder_keeps_partial_event() -> None:
     assert dec.feed(b"data: x\n") == []
     assert dec.pending == b"data: x\n"
     assert dec.feed(b"\ndata: y") == [b"x"]
+    dec = SSEDecoder()
+    assert dec.feed(b"data: m1\nd") == []  # one newline, not an event end
+    assert dec.feed(b"ata: m2\n\n") == [b"m1\nm2"]
 
 
 def test_build_request_and_targets() -> None:
