@@ -135,7 +135,10 @@ class Gateway:
             mm = self.metrics.model(model)
             mm.inflight.inc()
             if prep.stream:
-                chunks = stream_response(prep, mm)
+                prepared = prep
+
+                async def produce(emit: Callable[[bytes], Awaitable[None]]) -> None:
+                    await stream_response(prepared, mm, emit)
 
                 admitted = ticket
 
@@ -146,7 +149,7 @@ class Gateway:
                     self.metrics.requests.labels(model, endpoint, str(status)).inc()
 
                 handed_off = True
-                return SSEResponse(chunks, watcher, on_close)
+                return SSEResponse(produce, watcher, on_close)
             try:
                 result = await complete_response(prep, mm)
             finally:

@@ -9,9 +9,8 @@ busy, so a loaded frontend sends fewer, larger chunks instead of falling behind.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from dynamo_gateway.errors import EngineError, UnavailableError
@@ -27,11 +26,15 @@ from dynamo_gateway.frontend.metrics import ModelMetrics
 from dynamo_gateway.frontend.preparation import Choice, Prepared
 from dynamo_gateway.preprocess import IncrementalDetokenizer
 from dynamo_gateway.protocol.engine import EngineOutput, FinishReason, TokenLogprob
+from dynamo_gateway.runtime.pool import Routed
 
 _FINISH = {
     FinishReason.STOP: "stop",
     FinishReason.LENGTH: "length",
 }
+
+
+Emit = Callable[[bytes], Awaitable[None]]
 
 
 class ChoiceRun:
@@ -62,9 +65,9 @@ class ChoiceRun:
         self.logprobs: list[TokenLogprob] = []
         self.text_len = 0
 
-    def outputs(self) -> AsyncGenerator[EngineOutput, None]:
+    def _route(self) -> Routed:
         c = self.choice
-        return self.prep.pool.stream(c.route, c.engine_request)
+        return self.prep.pool.route(c.route, c.engine_request)
 
     def _end(self, out: EngineOutput) -> bool:
         """Record a terminal output; True if the stream is over."""
@@ -85,58 +88,68 @@ class ChoiceRun:
             self.error = EngineError(out.error or "the engine failed the request")
         return True
 
-    async def chunks(self, enc: ChunkEncoder) -> AsyncGenerator[bytes, None]:
-        """Streamed chunks for this choice, ending with its finish chunk."""
+    async def stream(self, enc: ChunkEncoder, emit: Emit) -> None:
+        """Emit this choice's chunks, ending with its finish chunk (the hot path)."""
         index = self.choice.index
         detok = self.detok
         metrics = self.metrics
         itl = metrics.itl
         fmt = _formatter(self.prep) if self.prep.logprobs is not None else None
         first_text = True
-        first_token = True
         last = self.prep.started
         perf = time.perf_counter
-        async with contextlib.aclosing(self.outputs()) as outs:
-            async for out in outs:
+        routed = self._route()
+        try:
+            outs = routed.outputs
+            out = await anext(outs)
+            routed.first_token()
+            if out.cached_tokens is not None:
+                self.cached_tokens = out.cached_tokens
+            now = perf()
+            metrics.ttft.observe(now - last)
+            last = now
+            while True:
                 n = len(out.token_ids)
-                self.completion_tokens += n
-                now = perf()
-                if first_token:
-                    first_token = False
-                    if out.cached_tokens is not None:
-                        self.cached_tokens = out.cached_tokens
-                    metrics.ttft.observe(now - last)
-                elif n:
-                    itl.observe((now - last) / n)
-                last = now
-                text = detok.push(out.token_ids) if n else ""
-                if fmt is not None and out.logprobs:
-                    lp = fmt.format(out.logprobs, self.text_len)
-                    self.text_len += len(text)
-                    yield enc.rich(index, text, first=first_text, logprobs=lp)
-                    first_text = False
-                elif text:
-                    yield enc.text(index, text, first=first_text)
-                    first_text = False
+                if n:
+                    self.completion_tokens += n
+                    text = detok.push(out.token_ids)
+                    if fmt is not None and out.logprobs:
+                        lp = fmt.format(out.logprobs, self.text_len)
+                        self.text_len += len(text)
+                        await emit(enc.rich(index, text, first=first_text, logprobs=lp))
+                        first_text = False
+                    elif text:
+                        await emit(enc.text(index, text, first=first_text))
+                        first_text = False
                 if (out.finish_reason is not None or detok.stopped) and self._end(out):
                     break
+                out = await anext(outs)
+                now = perf()
+                if out.token_ids:
+                    itl.observe((now - last) / len(out.token_ids))
+                last = now
+        except StopAsyncIteration:
+            self.error = EngineError("the engine stream ended without a finish reason")
+        finally:
+            await routed.close()
         if self.error is not None:
             return
         tail = "" if detok.stopped else detok.flush()
-        yield enc.rich(index, tail, first=first_text, finish_reason=self.finish_reason or "stop")
+        await emit(enc.rich(index, tail, first=first_text, finish_reason=self.finish_reason))
 
     async def collect(self) -> tuple[str, list[TokenLogprob]]:
         """Run to the end; the whole text and the logprobs (non-streaming)."""
         parts: list[str] = []
         detok = self.detok
-        metrics = self.metrics
         want_logprobs = self.prep.logprobs is not None
         first = True
-        async with contextlib.aclosing(self.outputs()) as outs:
-            async for out in outs:
+        routed = self._route()
+        try:
+            async for out in routed.outputs:
                 if first:
                     first = False
-                    metrics.ttft.observe(time.perf_counter() - self.prep.started)
+                    routed.first_token()
+                    self.metrics.ttft.observe(time.perf_counter() - self.prep.started)
                     if out.cached_tokens is not None:
                         self.cached_tokens = out.cached_tokens
                 self.completion_tokens += len(out.token_ids)
@@ -146,6 +159,10 @@ class ChoiceRun:
                     self.logprobs.extend(out.logprobs)
                 if (out.finish_reason is not None or detok.stopped) and self._end(out):
                     break
+            else:
+                self.error = EngineError("the engine stream ended without a finish reason")
+        finally:
+            await routed.close()
         if self.error is not None:
             raise self.error
         if not detok.stopped:
@@ -175,20 +192,16 @@ def _account(prep: Prepared, runs: list[ChoiceRun], metrics: ModelMetrics) -> di
     return usage
 
 
-async def stream_response(prep: Prepared, metrics: ModelMetrics) -> AsyncGenerator[bytes, None]:
-    """The SSE body of a streaming request, `data: [DONE]` included."""
+async def stream_response(prep: Prepared, metrics: ModelMetrics, emit: Emit) -> None:
+    """Emit the SSE body of a streaming request, `data: [DONE]` included."""
     enc = ChunkEncoder(
         chat=prep.chat, response_id=prep.response_id, created=prep.created, model=prep.model
     )
     runs = [ChoiceRun(prep, c, metrics) for c in prep.choices]
     if len(runs) == 1:
-        async with contextlib.aclosing(runs[0].chunks(enc)) as chunks:
-            async for chunk in chunks:
-                yield chunk
+        await runs[0].stream(enc, emit)
     else:
-        async with contextlib.aclosing(_merge([r.chunks(enc) for r in runs])) as merged:
-            async for chunk in merged:
-                yield chunk
+        await _interleave(runs, enc, emit)
     tail = b""
     failed = next((r.error for r in runs if r.error is not None), None)
     if failed is not None:
@@ -196,24 +209,23 @@ async def stream_response(prep: Prepared, metrics: ModelMetrics) -> AsyncGenerat
     usage = _account(prep, runs, metrics)
     if prep.include_usage:
         tail += enc.usage(usage)
-    yield tail + DONE
+    await emit(tail + DONE)
 
 
-async def _merge(
-    streams: list[AsyncGenerator[bytes, None]],
-) -> AsyncGenerator[bytes, None]:
-    """Interleave several chunk streams as their chunks arrive."""
+async def _interleave(runs: list[ChoiceRun], enc: ChunkEncoder, emit: Emit) -> None:
+    """Run several choices at once; one task sends, so chunks never interleave mid-write."""
     queue: asyncio.Queue[bytes | None] = asyncio.Queue()
 
-    async def pump(stream: AsyncGenerator[bytes, None]) -> None:
+    async def put(chunk: bytes) -> None:
+        queue.put_nowait(chunk)
+
+    async def run(r: ChoiceRun) -> None:
         try:
-            async with contextlib.aclosing(stream) as s:
-                async for chunk in s:
-                    queue.put_nowait(chunk)
+            await r.stream(enc, put)
         finally:
             queue.put_nowait(None)
 
-    tasks = [asyncio.create_task(pump(s)) for s in streams]
+    tasks = [asyncio.create_task(run(r)) for r in runs]
     try:
         remaining = len(tasks)
         while remaining:
@@ -221,9 +233,9 @@ async def _merge(
             if item is None:
                 remaining -= 1
             else:
-                yield item
+                await emit(item)
         for t in tasks:
-            t.result()  # surface a pump's exception
+            t.result()  # surface a choice's exception
     finally:
         for t in tasks:
             t.cancel()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import msgspec
 from starlette.requests import Request
@@ -144,29 +144,32 @@ class DisconnectWatcher:
 
 
 class SSEResponse(Response):
-    """Streams an already-started chunk iterator; ends quietly if the client leaves."""
+    """Runs a producer that emits SSE chunks; ends quietly if the client leaves."""
 
     media_type = "text/event-stream"
 
     def __init__(
         self,
-        chunks: AsyncGenerator[bytes, None],
+        producer: Callable[[Callable[[bytes], Awaitable[None]]], Awaitable[None]],
         watcher: DisconnectWatcher,
         on_close: Callable[[bool], None],
     ) -> None:
         self.status_code = 200
         self.background = None
-        self._chunks = chunks
+        self._producer = producer
         self._watcher = watcher
         self._on_close = on_close
         self.init_headers({"cache-control": "no-cache", "x-accel-buffering": "no"})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         disconnected = False
+
+        async def emit(chunk: bytes) -> None:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-            async for chunk in self._chunks:
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await self._producer(emit)
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except asyncio.CancelledError:
             if not self._watcher.absorb():
@@ -176,5 +179,4 @@ class SSEResponse(Response):
             disconnected = True
         finally:
             self._watcher.stop()
-            await self._chunks.aclose()
             self._on_close(disconnected)

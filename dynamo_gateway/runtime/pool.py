@@ -100,6 +100,44 @@ class InprocResolver:
         return LocalWorker(record, self.engines[key])
 
 
+class Routed:
+    """A request in flight on one worker, with the bookkeeping to undo when it ends.
+
+    The caller iterates `outputs` (the engine's own stream: no wrapper on the
+    per-token path), calls `first_token()` once, and `close()` however it exits.
+    """
+
+    __slots__ = ("_closed", "_router", "outputs", "request_id", "worker")
+
+    def __init__(
+        self,
+        router: Router,
+        worker: WorkerHandle,
+        request_id: str,
+        outputs: AsyncIterator[EngineOutput],
+    ) -> None:
+        self._router = router
+        self.worker = worker
+        self.request_id = request_id
+        self.outputs = outputs
+        self._closed = False
+
+    def first_token(self) -> None:
+        self._router.on_first_token(self.request_id)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.worker.view.inflight -= 1
+        self._router.on_finished(self.request_id)
+        # Close the engine stream now, not whenever it is garbage-collected, so an
+        # abandoned request frees its KV blocks right away.
+        aclose = getattr(self.outputs, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
 class ModelPool:
     """One model: its preprocessing and the workers that serve it."""
 
@@ -141,29 +179,27 @@ class ModelPool:
             raise UnavailableError(f"no live worker serves model {self.name!r}") from None
         return self.workers[view.worker_id]
 
+    def route(self, route: RouteRequest, request: EngineRequest) -> Routed:
+        """Pick a worker and start `request` there; the caller must `close()` it."""
+        worker = self.select(route)
+        worker.view.inflight += 1
+        self.router.on_routed(route, worker.view)
+        return Routed(self.router, worker, request.request_id, worker.generate(request))
+
     async def stream(
         self, route: RouteRequest, request: EngineRequest
     ) -> AsyncGenerator[EngineOutput, None]:
-        """Route `request` and stream its outputs; bookkeeping survives any exit."""
-        worker = self.select(route)
-        view = worker.view
-        router = self.router
-        view.inflight += 1
-        router.on_routed(route, view)
-        first = True
-        gen = worker.generate(request)
+        """`route()` as one generator, for callers that don't need the hot path."""
+        routed = self.route(route, request)
         try:
-            async for out in gen:
+            first = True
+            async for out in routed.outputs:
                 if first:
                     first = False
-                    router.on_first_token(request.request_id)
+                    routed.first_token()
                 yield out
         finally:
-            view.inflight -= 1
-            router.on_finished(request.request_id)
-            # Close the engine stream here, not whenever it is garbage-collected,
-            # so that an abandoned request frees its KV blocks right away.
-            await gen.aclose()  # type: ignore[attr-defined]
+            await routed.close()
 
     def live_workers(self) -> int:
         return len(self.workers)
