@@ -85,8 +85,17 @@ def _add_frontend_args(p: argparse.ArgumentParser) -> None:
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine", help="engine plugin (default mocker)")
-    p.add_argument("--model", type=Path, help="local model directory")
-    p.add_argument("--served-model-name", help="name clients use (default: directory name)")
+    p.add_argument(
+        "--model",
+        type=Path,
+        action="append",
+        help="local model directory; repeat to serve several models, each with its own workers",
+    )
+    p.add_argument(
+        "--served-model-name",
+        action="append",
+        help="name clients use for the --model in the same position (default: directory name)",
+    )
     p.add_argument("--max-model-len", type=int, help="context window (default: from config)")
     p.add_argument("--speedup", type=float, help="mocker: run the timing model N times faster")
     p.add_argument("--block-size", type=int, help="KV block size in tokens")
@@ -105,8 +114,6 @@ _SETTINGS_MAP: dict[str, tuple[str, ...]] = {
     "max_body_bytes": ("frontend", "max_body_bytes"),
     "server": ("frontend", "server"),
     "engine": ("engine",),
-    "model": ("model",),
-    "served_model_name": ("served_model_name",),
     "max_model_len": ("max_model_len",),
     "workers": ("workers",),
     "router": ("router",),
@@ -131,6 +138,15 @@ def settings_from_args(args: argparse.Namespace) -> Any:
         for key in path[:-1]:
             node = node.setdefault(key, {})
         node[path[-1]] = value
+    paths: list[Path] = getattr(args, "model", None) or []
+    names: list[str] = getattr(args, "served_model_name", None) or []
+    if len(names) > len(paths):
+        raise ConfigError("more --served-model-name than --model flags")
+    if paths:
+        overrides["models"] = [
+            {"path": path, "name": names[i] if i < len(names) else None}
+            for i, path in enumerate(paths)
+        ]
     return load_settings(getattr(args, "config", None), **overrides)
 
 
@@ -147,10 +163,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     _setup_logging(settings.log_level)
 
     def ready(url: str) -> None:
+        names = ", ".join(m.name or m.path.name for m in settings.models)
         print(
-            f"dynamo-gateway serving {settings.served_model_name or settings.model.name} "
-            f"on {url} (engine={settings.engine}, workers={settings.workers}, "
-            f"router={settings.router})",
+            f"dynamo-gateway serving {names} on {url} (engine={settings.engine}, "
+            f"workers={settings.workers} per model, router={settings.router})",
             flush=True,
         )
 

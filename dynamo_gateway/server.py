@@ -19,7 +19,7 @@ from dynamo_gateway.models.card import ModelCard
 from dynamo_gateway.plugins import Plugins, load_plugins
 from dynamo_gateway.runtime.discovery import MemoryDiscovery
 from dynamo_gateway.runtime.events import MemoryEventPlane
-from dynamo_gateway.runtime.local import start_local_workers
+from dynamo_gateway.runtime.local import LocalWorkers, start_local_workers
 from dynamo_gateway.runtime.pool import InprocResolver, ModelManager
 from dynamo_gateway.settings import Settings
 
@@ -35,35 +35,42 @@ def plugins_for(settings: Settings) -> Plugins:
 
 async def serve(settings: Settings, *, ready: Callable[[str], None] | None = None) -> None:
     """Run the embedded gateway until SIGINT/SIGTERM."""
-    if settings.model is None:
+    if not settings.models:
         raise ConfigError("--model is required: a local model directory (see `demo-model`)")
     plugins = plugins_for(settings)
-    card = ModelCard.load(
-        settings.model,
-        served_name=settings.served_model_name,
-        max_model_len=settings.max_model_len,
-    )
+    cards = [
+        ModelCard.load(m.path, served_name=m.name, max_model_len=settings.max_model_len)
+        for m in settings.models
+    ]
+    names = [card.served_name for card in cards]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"two models share a served name: {names}; use --served-model-name")
     discovery = MemoryDiscovery()
     events = MemoryEventPlane()
     resolver = InprocResolver()
     manager = ModelManager(settings, plugins.registry, resolver, events)
     follow = asyncio.get_running_loop().create_task(manager.follow(discovery))
-    workers = await start_local_workers(
-        settings,
-        plugins.registry,
-        card,
-        discovery=discovery,
-        events=events,
-        resolver=resolver,
-        count=settings.workers,
-    )
+    workers: list[LocalWorkers] = []
     try:
-        await _wait_for_pool(manager, card.served_name)
+        for card in cards:
+            workers.append(
+                await start_local_workers(
+                    settings,
+                    plugins.registry,
+                    card,
+                    discovery=discovery,
+                    events=events,
+                    resolver=resolver,
+                    count=settings.workers,
+                )
+            )
+            await _wait_for_pool(manager, card.served_name)
         gateway = Gateway(settings, manager)
         app = build_app(gateway)
         await run_http(app, settings, ready=ready)
     finally:
-        await workers.stop()
+        for group in workers:
+            await group.stop()
         await discovery.aclose()
         follow.cancel()
         with contextlib.suppress(asyncio.CancelledError):

@@ -66,6 +66,13 @@ class MockerSettings(BaseModel):
     decode_ms_per_kv_block: float = Field(0.0025, ge=0)
 
 
+class ServedModel(BaseModel):
+    """One model to serve: a local directory and the name clients ask for."""
+
+    path: Path
+    name: str | None = Field(None, description="served name (default: the directory name)")
+
+
 class Settings(BaseSettings):
     """Everything configurable. Plugins read their own section from `plugin_config`."""
 
@@ -82,8 +89,9 @@ class Settings(BaseSettings):
     trace_hooks: bool = False
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
-    model: Path | None = None
-    served_model_name: str | None = None
+    models: list[ServedModel] = Field(
+        default_factory=list, description="models to serve, each with its own worker pool"
+    )
     max_model_len: int | None = Field(None, ge=1)
     engine: str = "mocker"
     router: str = "round_robin"

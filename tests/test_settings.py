@@ -92,3 +92,26 @@ def test_missing_or_bad_config_file(tmp_path: Path) -> None:
 def test_settings_is_one_object() -> None:
     s = Settings()
     assert s.model_dump()["frontend"]["max_body_bytes"] == 4 * 1024 * 1024
+
+
+def test_models_from_toml_and_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = tmp_path / "m.toml"
+    cfg.write_text('[[models]]\npath = "/m/a"\nname = "a"\n[[models]]\npath = "/m/b"\n')
+    s = load_settings(cfg)
+    assert [(str(m.path), m.name) for m in s.models] == [("/m/a", "a"), ("/m/b", None)]
+    monkeypatch.setenv("DYNAMO_GATEWAY_MODELS", '[{"path": "/m/c", "name": "c"}]')
+    assert [m.name for m in load_settings(cfg).models] == ["c"]
+
+
+def test_cli_pairs_models_and_names() -> None:
+    from dynamo_gateway.cli import _parser, settings_from_args
+
+    args = _parser().parse_args(
+        ["serve", "--model", "/m/a", "--served-model-name", "x", "--model", "/m/b"]
+    )
+    s = settings_from_args(args)
+    assert [(str(m.path), m.name) for m in s.models] == [("/m/a", "x"), ("/m/b", None)]
+    bad = _parser().parse_args(["serve", "--model", "/m/a", "--served-model-name", "x",
+                                "--served-model-name", "y"])  # fmt: skip
+    with pytest.raises(ConfigError, match="more --served-model-name"):
+        settings_from_args(bad)

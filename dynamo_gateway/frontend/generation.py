@@ -57,7 +57,11 @@ class ChoiceRun:
         self.prep = prep
         self.choice = choice
         self.metrics = metrics
-        self.detok = IncrementalDetokenizer(prep.pool.tokenizer, stop=prep.stop)
+        # The prompt's last ids give decoders that look back (SentencePiece's
+        # leading space) the context a mid-text token needs.
+        self.detok = IncrementalDetokenizer(
+            prep.pool.tokenizer, stop=prep.stop, prompt_ids=choice.prompt_ids
+        )
         self.completion_tokens = 0
         self.cached_tokens = 0
         self.finish_reason: str | None = None

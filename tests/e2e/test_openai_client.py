@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 
 import httpx
@@ -292,3 +293,28 @@ def test_api_key_required_when_configured(
     assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
     good = openai.OpenAI(base_url=f"{gw.url}/v1", api_key="sekret", max_retries=0)
     assert good.completions.create(model="demo", prompt="x", max_tokens=2).choices
+
+
+def test_several_models_each_with_its_own_pool(
+    gateway_server: Callable[..., GatewayProcess], demo_model: object
+) -> None:
+    gw = gateway_server(
+        "--model", str(demo_model), "--served-model-name", "alpha",
+        "--model", str(demo_model), "--served-model-name", "beta",
+        "--engine", "mocker", "--workers", "2", "--speedup", "100",
+    )  # fmt: skip
+    oa = openai.OpenAI(base_url=f"{gw.url}/v1", api_key="x", max_retries=0)
+    assert sorted(m.id for m in oa.models.list().data) == ["alpha", "beta"]
+    for name in ("alpha", "beta"):
+        r = oa.chat.completions.create(
+            model=name, messages=[{"role": "user", "content": "hi"}], max_tokens=3
+        )
+        assert r.model == name and r.usage is not None and r.usage.completion_tokens == 3
+    assert httpx.get(f"{gw.url}/ready").json()["models"] == {"alpha": 2, "beta": 2}
+    metrics = httpx.get(f"{gw.url}/metrics").text
+    assert 'dynamo_gateway_workers{model="alpha",role="aggregated"} 2.0' in metrics
+    assert 'dynamo_gateway_workers{model="beta",role="aggregated"} 2.0' in metrics
+    workers = set(re.findall(r'worker_active_requests\{model="(\w+)",worker="([^"]+)"', metrics))
+    assert {m for m, _ in workers} == {"alpha", "beta"} and len(workers) == 4
+    with pytest.raises(openai.NotFoundError):
+        oa.completions.create(model="gamma", prompt="x", max_tokens=2)

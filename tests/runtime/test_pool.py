@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -28,8 +29,8 @@ class Recorder(RouterBase):
         self.calls: list[tuple[str, str]] = []
         self.kv_events: list[KvEvent] = []
 
-    def select(self, request: RouteRequest, workers: object) -> WorkerView:
-        return list(workers)[0]  # type: ignore[call-overload,no-any-return]
+    def select(self, request: RouteRequest, workers: Sequence[WorkerView]) -> WorkerView:
+        return workers[0]
 
     def on_routed(self, request: RouteRequest, worker: WorkerView) -> None:
         self.calls.append(("routed", request.request_id))

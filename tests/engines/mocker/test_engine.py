@@ -434,9 +434,7 @@ async def test_waiting_request_runs_after_the_only_running_one_hits_capacity(
 
 async def test_chunked_prefill_and_max_num_seqs(card: ModelCard) -> None:
     # speedup 20: 0.4 ms decode steps, slow enough that the loop below sees each step.
-    async with make_engine(
-        card, max_num_batched_tokens=16, max_num_seqs=2, speedup=20.0
-    ) as engine:
+    async with make_engine(card, max_num_batched_tokens=16, max_num_seqs=2, speedup=20.0) as engine:
         tasks = [
             asyncio.ensure_future(collect(engine, make_request(f"r{i}", prompt(i, 100), 20)))
             for i in range(5)
@@ -470,9 +468,7 @@ async def test_engine_keeps_its_pace_while_the_loop_is_busy(card: ModelCard) -> 
     # The mocker stands in for an engine running beside the frontend: a consumer
     # hogging the event loop must not slow token production down. 1 ms steps,
     # 40 tokens; the consumer blocks the loop for 5 ms after every output.
-    async with make_engine(
-        card, speedup=8.0, prefill_base_ms=0, prefill_ms_per_token=0
-    ) as engine:
+    async with make_engine(card, speedup=8.0, prefill_base_ms=0, prefill_ms_per_token=0) as engine:
         t0 = time.perf_counter()
         outputs = []
         async for out in engine.generate(make_request("r", prompt(25, 4), 40)):
