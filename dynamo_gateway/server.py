@@ -8,7 +8,7 @@ import contextlib
 import logging
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any
 
 from starlette.types import ASGIApp
@@ -35,9 +35,20 @@ def plugins_for(settings: Settings) -> Plugins:
 
 async def serve(settings: Settings, *, ready: Callable[[str], None] | None = None) -> None:
     """Run the embedded gateway until SIGINT/SIGTERM."""
+    async with embedded(settings) as gateway:
+        await run_http(build_app(gateway), settings, ready=ready)
+
+
+@contextlib.asynccontextmanager
+async def embedded(settings: Settings, plugins: Plugins | None = None) -> AsyncIterator[Gateway]:
+    """Frontend state, router and workers of every configured model, in this process.
+
+    Yields the `Gateway` once every model has its workers; stops them on exit.
+    Used by `serve` and by tests that drive the app in-process.
+    """
     if not settings.models:
         raise ConfigError("--model is required: a local model directory (see `demo-model`)")
-    plugins = plugins_for(settings)
+    plugins = plugins or plugins_for(settings)
     cards = [
         ModelCard.load(m.path, served_name=m.name, max_model_len=settings.max_model_len)
         for m in settings.models
@@ -65,9 +76,7 @@ async def serve(settings: Settings, *, ready: Callable[[str], None] | None = Non
                 )
             )
             await _wait_for_pool(manager, card.served_name)
-        gateway = Gateway(settings, manager)
-        app = build_app(gateway)
-        await run_http(app, settings, ready=ready)
+        yield Gateway(settings, manager)
     finally:
         for group in workers:
             await group.stop()

@@ -102,7 +102,11 @@ class ChoiceRun:
         first_text = True
         last = self.prep.started
         perf = time.perf_counter
-        routed = self._route()
+        try:
+            routed = self._route()
+        except (UnavailableError, EngineError) as exc:  # reported in the stream's tail
+            self.error = exc
+            return
         try:
             outs = routed.outputs
             out = await anext(outs)
@@ -134,6 +138,8 @@ class ChoiceRun:
                 last = now
         except StopAsyncIteration:
             self.error = EngineError("the engine stream ended without a finish reason")
+        except (UnavailableError, EngineError) as exc:
+            self.error = exc
         finally:
             await routed.close()
         if self.error is not None:

@@ -236,3 +236,16 @@ def corpus_lines(seed: int = DEFAULT_SEED, *, paragraphs: int = 2500) -> Iterato
 def generate_corpus(seed: int = DEFAULT_SEED, *, paragraphs: int = 2500) -> str:
     """The whole corpus as one string, paragraphs separated by blank lines."""
     return "\n\n".join(corpus_lines(seed, paragraphs=paragraphs))
+
+
+# Plain lower-case English words of the corpus: the mocker prefers vocabulary
+# tokens that spell one of these, so its output reads as words, not fragments.
+ENGLISH_WORDS: frozenset[str] = frozenset(
+    w
+    for group in (
+        _DETERMINERS, _PRONOUNS, _NOUNS, _VERBS, _PAST, _ADJECTIVES, _ADVERBS,
+        _PREPOSITIONS, _CONJUNCTIONS,
+    )
+    for w in group
+    if w.isascii() and w.isalpha() and w.islower()
+)  # fmt: skip

@@ -33,6 +33,7 @@ import xxhash
 from tokenizers import Tokenizer
 
 from dynamo_gateway.errors import ConfigError
+from dynamo_gateway.models.corpus import ENGLISH_WORDS
 from dynamo_gateway.protocol.engine import TokenLogprob
 
 __all__ = ["TokenStream", "WordSource", "load_word_source"]
@@ -48,6 +49,7 @@ _GREEDY_SEED = 0x9E3779B97F4A7C15
 # Decoding a token twice in a row shows whether it carries a leading space even
 # where a decoder strips the space of the very first token (SentencePiece).
 _DOUBLE_WORD = re.compile(r"^ ?([a-z]{2,}) \1$")
+_MIN_ENGLISH = 64
 
 
 class WordSource:
@@ -75,7 +77,13 @@ class WordSource:
         size = int(tokenizer.get_vocab_size(with_added_tokens=True))
         ids = [i for i in range(size) if i not in banned]
         doubled = tokenizer.decode_batch([[i, i] for i in ids], skip_special_tokens=False)
-        words = [i for i, text in zip(ids, doubled, strict=True) if _DOUBLE_WORD.match(text)]
+        matches = [(i, _DOUBLE_WORD.match(text)) for i, text in zip(ids, doubled, strict=True)]
+        words = [i for i, m in matches if m]
+        # Prefer tokens that spell a whole common English word over sub-word pieces
+        # (" pro", " rec"), when the vocabulary has enough of them.
+        english = [i for i, m in matches if m and m.group(1) in ENGLISH_WORDS]
+        if len(english) >= _MIN_ENGLISH:
+            words = english
         if not words:
             log.warning("tokenizer has no plain word tokens; the mocker emits arbitrary tokens")
             singles = tokenizer.decode_batch([[i] for i in ids], skip_special_tokens=False)
