@@ -5,14 +5,11 @@ Use it to test and benchmark the gateway without GPUs: ``MockerEngine(context)``
 
 from __future__ import annotations
 
-from dynamo_gateway.engines.mocker.block_manager import BlockManager, KvSequence
 from dynamo_gateway.engines.mocker.engine import MockerEngine
 from dynamo_gateway.engines.mocker.text import TokenStream, WordSource, load_word_source
 from dynamo_gateway.engines.mocker.timing import TimingModel
 
 __all__ = [
-    "BlockManager",
-    "KvSequence",
     "MockerEngine",
     "TimingModel",
     "TokenStream",

@@ -20,10 +20,10 @@ from collections import deque
 from collections.abc import AsyncIterator
 
 from dynamo_gateway.engines.base import EngineBase, EngineContext, EngineState
-from dynamo_gateway.engines.mocker.block_manager import BlockManager, KvSequence
 from dynamo_gateway.engines.mocker.text import TokenStream, WordSource, load_word_source
 from dynamo_gateway.engines.mocker.timing import TimingModel
 from dynamo_gateway.errors import EngineError
+from dynamo_gateway.kv.block_manager import BlockManager, KvSequence
 from dynamo_gateway.protocol.engine import (
     EngineOutput,
     EngineRequest,

@@ -1,7 +1,8 @@
-"""A paged KV block pool with prefix caching: the mocker's simulated KV cache.
+"""A paged KV block pool with prefix caching, shared by the engines.
 
-Pure bookkeeping (no asyncio, no I/O) so that it can be tested on plain data and
-reused by any simulated engine. The pool has ``num_blocks`` blocks of
+Pure bookkeeping (no asyncio, no I/O, no tensors) so that it can be tested on
+plain data; the mocker simulates a cache with it and the reference engine maps
+its block ids onto the rows of a real KV tensor. The pool has ``num_blocks`` blocks of
 ``block_size`` token slots. A sequence is a `KvSequence`; the caller owns its
 token list and tells the pool how far it got.
 

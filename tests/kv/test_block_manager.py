@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dynamo_gateway.engines.mocker.block_manager import BlockManager, KvSequence
+from dynamo_gateway.kv.block_manager import BlockManager, KvSequence
 from dynamo_gateway.kv.hashing import sequence_hashes
 from dynamo_gateway.protocol.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
 
