@@ -118,10 +118,10 @@ _SETTINGS_MAP: dict[str, tuple[str, ...]] = {
     "workers": ("workers",),
     "router": ("router",),
     "speedup": ("mocker", "speedup"),
-    "block_size": ("mocker", "block_size"),
-    "num_kv_blocks": ("mocker", "num_kv_blocks"),
-    "max_num_seqs": ("mocker", "max_num_seqs"),
-    "max_num_batched_tokens": ("mocker", "max_num_batched_tokens"),
+    "block_size": ("cache", "block_size"),
+    "num_kv_blocks": ("cache", "num_kv_blocks"),
+    "max_num_seqs": ("scheduler", "max_num_seqs"),
+    "max_num_batched_tokens": ("scheduler", "max_num_batched_tokens"),
 }
 
 

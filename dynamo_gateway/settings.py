@@ -45,20 +45,32 @@ class FrontendSettings(BaseModel):
     server: Literal["hypercorn", "uvicorn"] = "hypercorn"
 
 
+class CacheSettings(BaseModel):
+    """Every engine's paged KV cache."""
+
+    block_size: int = Field(16, ge=1, le=4096, description="tokens per KV block")
+    num_kv_blocks: int | None = Field(
+        None, ge=1, description="device KV capacity in blocks (default: the engine's choice)"
+    )
+
+
+class SchedulerSettings(BaseModel):
+    """Continuous batching limits, for every engine that schedules itself."""
+
+    max_num_seqs: int = Field(256, ge=1, description="sequences running at once")
+    max_num_batched_tokens: int = Field(8192, ge=1, description="token budget per step")
+
+
 class MockerSettings(BaseModel):
-    """The simulated engine: timing model, KV capacity, batching.
+    """The simulated engine's timing model.
 
     Step time in ms = prefill_base_ms + prefill_ms_per_token * new_tokens
     + prefill_ms_per_token2 * new_tokens**2 (if the step prefills)
     + decode_base_ms + decode_ms_per_kv_block * active_kv_blocks (if it decodes),
-    divided by ``speedup``.
+    divided by ``speedup``. Its KV capacity defaults to 16384 blocks.
     """
 
     speedup: float = Field(1.0, gt=0, description="run the timing model this many times faster")
-    block_size: int = Field(16, ge=1, le=4096)
-    num_kv_blocks: int = Field(16384, ge=1)
-    max_num_seqs: int = Field(256, ge=1)
-    max_num_batched_tokens: int = Field(8192, ge=1)
     prefill_base_ms: float = Field(5.0, ge=0)
     prefill_ms_per_token: float = Field(0.04, ge=0)
     prefill_ms_per_token2: float = Field(1.0e-6, ge=0)
@@ -98,6 +110,8 @@ class Settings(BaseSettings):
     workers: int = Field(1, ge=1)
 
     frontend: FrontendSettings = Field(default_factory=FrontendSettings)
+    cache: CacheSettings = Field(default_factory=CacheSettings)
+    scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
     mocker: MockerSettings = Field(default_factory=MockerSettings)
     plugin_config: dict[str, dict[str, Any]] = Field(default_factory=dict)
 

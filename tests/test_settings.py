@@ -23,7 +23,7 @@ def test_defaults() -> None:
     s = load_settings()
     assert s.engine == "mocker" and s.router == "round_robin" and s.workers == 1
     assert s.frontend.host == "127.0.0.1" and s.frontend.port == 8000
-    assert s.plugins is None and s.mocker.block_size == 16
+    assert s.plugins is None and s.cache.block_size == 16
 
 
 def test_env_overrides_including_nested(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -46,21 +46,21 @@ def test_empty_plugins_env_means_none(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_toml_file_then_env_then_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = tmp_path / "gw.toml"
     cfg.write_text(
-        'router = "random"\nworkers = 3\n[mocker]\nspeedup = 5.0\nblock_size = 32\n'
-        '[frontend]\nport = 9000\napi_keys = ["a", "b"]\n'
+        'router = "random"\nworkers = 3\n[mocker]\nspeedup = 5.0\n'
+        '[cache]\nblock_size = 32\n[frontend]\nport = 9000\napi_keys = ["a", "b"]\n'
     )
     s = load_settings(cfg)
-    assert (s.router, s.workers, s.mocker.speedup, s.mocker.block_size) == ("random", 3, 5.0, 32)
+    assert (s.router, s.workers, s.mocker.speedup, s.cache.block_size) == ("random", 3, 5.0, 32)
     assert s.frontend.port == 9000 and s.frontend.api_keys == ["a", "b"]
 
     monkeypatch.setenv("DYNAMO_GATEWAY_WORKERS", "4")
     monkeypatch.setenv("DYNAMO_GATEWAY_MOCKER__SPEEDUP", "6")
     s = load_settings(cfg)
-    assert s.workers == 4 and s.mocker.speedup == 6.0 and s.mocker.block_size == 32
+    assert s.workers == 4 and s.mocker.speedup == 6.0 and s.cache.block_size == 32
 
-    s = load_settings(cfg, workers=9, mocker={"speedup": 7.0})
+    s = load_settings(cfg, workers=9, mocker={"speedup": 7.0}, cache={"num_kv_blocks": 5})
     # Flags win, and a nested flag does not wipe the other nested values.
-    assert s.workers == 9 and s.mocker.speedup == 7.0 and s.mocker.block_size == 32
+    assert s.workers == 9 and s.mocker.speedup == 7.0 and s.cache.block_size == 32
 
 
 def test_config_file_from_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -48,6 +48,9 @@ _MAX_BURST_S = 2e-3
 
 _NOWHERE, _WAITING, _RUNNING = 0, 1, 2
 
+# KV capacity when `cache.num_kv_blocks` is not set: room for a busy worker.
+DEFAULT_KV_BLOCKS = 16384
+
 
 class _Request:
     """One request's scheduling state and its output collector, in one object."""
@@ -128,12 +131,16 @@ class MockerEngine(EngineBase):
         self._context = context
         self._worker_id = context.worker_id
         self._publish = context.publish_kv_event
-        self._max_num_seqs = cfg.max_num_seqs
-        self._max_batched_tokens = cfg.max_num_batched_tokens
+        sched = context.settings.scheduler
+        cache = context.settings.cache
+        self._max_num_seqs = sched.max_num_seqs
+        self._max_batched_tokens = sched.max_num_batched_tokens
         self._max_len = context.model.max_model_len
         self._timing = TimingModel.from_settings(cfg)
         self._blocks = BlockManager(
-            cfg.num_kv_blocks, cfg.block_size, record_events=self._publish is not None
+            cache.num_kv_blocks or DEFAULT_KV_BLOCKS,
+            cache.block_size,
+            record_events=self._publish is not None,
         )
         self._state = EngineState.CREATED
         self._words: WordSource | None = None

@@ -28,7 +28,7 @@ from dynamo_gateway.protocol.engine import (
     SamplingParams,
 )
 from dynamo_gateway.protocol.kv_events import AllBlocksCleared, BlockStored, KvEvent
-from dynamo_gateway.settings import MockerSettings, Settings
+from dynamo_gateway.settings import CacheSettings, MockerSettings, SchedulerSettings, Settings
 
 EOS = 1
 
@@ -86,7 +86,13 @@ def make_engine(
     **mocker: Any,
 ) -> MockerEngine:
     mocker.setdefault("speedup", 1e6)
-    settings = Settings(mocker=MockerSettings(**mocker))
+    cache = {k: mocker.pop(k) for k in ("block_size", "num_kv_blocks") if k in mocker}
+    sched = {k: mocker.pop(k) for k in ("max_num_seqs", "max_num_batched_tokens") if k in mocker}
+    settings = Settings(
+        mocker=MockerSettings(**mocker),
+        cache=CacheSettings(**cache),
+        scheduler=SchedulerSettings(**sched),
+    )
     ctx = EngineContext(
         settings=settings, model=card, worker_id=worker_id, publish_kv_event=publish
     )
