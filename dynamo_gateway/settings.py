@@ -78,6 +78,25 @@ class MockerSettings(BaseModel):
     decode_ms_per_kv_block: float = Field(0.0025, ge=0)
 
 
+class ReferenceSettings(BaseModel):
+    """The built-in torch reference engine."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: the checkpoint's dtype on CUDA, float32 on CPU"
+    )
+    kv_cache_memory_fraction: float = Field(
+        0.25,
+        gt=0,
+        le=0.95,
+        description="share of free memory for the KV cache when cache.num_kv_blocks is unset",
+    )
+    max_kv_cache_gb: float = Field(
+        4.0, gt=0, description="cap on the automatically sized KV cache, in GiB"
+    )
+    num_threads: int | None = Field(None, ge=1, description="torch intra-op threads on CPU")
+
+
 class ServedModel(BaseModel):
     """One model to serve: a local directory and the name clients ask for."""
 
@@ -113,6 +132,7 @@ class Settings(BaseSettings):
     cache: CacheSettings = Field(default_factory=CacheSettings)
     scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
     mocker: MockerSettings = Field(default_factory=MockerSettings)
+    reference: ReferenceSettings = Field(default_factory=ReferenceSettings)
     plugin_config: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
     @field_validator("plugins", mode="before")

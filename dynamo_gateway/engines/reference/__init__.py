@@ -1,0 +1,1 @@
+"""The torch reference engine: paged KV cache, continuous batching, prefix caching."""
