@@ -98,6 +98,12 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--max-model-len", type=int, help="context window (default: from config)")
     p.add_argument("--speedup", type=float, help="mocker: run the timing model N times faster")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="reference engine device")
+    p.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="reference engine dtype (auto: float32 on CPU, the checkpoint's on CUDA)",
+    )
     p.add_argument("--block-size", type=int, help="KV block size in tokens")
     p.add_argument("--num-kv-blocks", type=int, help="KV capacity in blocks")
     p.add_argument("--max-num-seqs", type=int, help="max concurrently running sequences")
@@ -118,6 +124,8 @@ _SETTINGS_MAP: dict[str, tuple[str, ...]] = {
     "workers": ("workers",),
     "router": ("router",),
     "speedup": ("mocker", "speedup"),
+    "device": ("reference", "device"),
+    "dtype": ("reference", "dtype"),
     "block_size": ("cache", "block_size"),
     "num_kv_blocks": ("cache", "num_kv_blocks"),
     "max_num_seqs": ("scheduler", "max_num_seqs"),
