@@ -92,7 +92,7 @@ class ReferenceSettings(BaseModel):
         description="share of free memory for the KV cache when cache.num_kv_blocks is unset",
     )
     max_kv_cache_gb: float = Field(
-        4.0, gt=0, description="cap on the automatically sized KV cache, in GiB"
+        1.0, gt=0, description="cap on the automatically sized KV cache, in GiB"
     )
     num_threads: int | None = Field(None, ge=1, description="torch intra-op threads on CPU")
 

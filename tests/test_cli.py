@@ -13,7 +13,7 @@ CLI = [sys.executable, "-m", "dynamo_gateway.cli"]
 def test_plugins_json_lists_builtins_and_the_four_packages() -> None:
     out = subprocess.run([*CLI, "plugins", "--json"], capture_output=True, text=True, check=True)
     rows = {row["name"]: row for row in json.loads(out.stdout)}
-    assert rows["builtin.engines"]["provides"] == {"engines": ["mocker"]}
+    assert rows["builtin.engines"]["provides"] == {"engines": ["mocker", "reference"]}
     assert rows["builtin.routers"]["provides"]["routers"] == [
         "least_loaded", "random", "round_robin",
     ]  # fmt: skip

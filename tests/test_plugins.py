@@ -22,7 +22,7 @@ def _plugin(**hooks: object) -> types.SimpleNamespace:
 def test_builtins_register_mocker_routers_and_memory_backends() -> None:
     plugins = load_plugins(entry_points=False)
     reg = plugins.registry
-    assert reg.engines.names() == ["mocker"]
+    assert reg.engines.names() == ["mocker", "reference"]
     assert reg.routers.names() == ["least_loaded", "random", "round_robin"]
     assert reg.discovery.names() == ["memory"]
     assert reg.event_planes.names() == ["memory"]

@@ -1,4 +1,4 @@
-"""Built-in engines: the simulated `mocker` (the reference engine lands with issue 2/8)."""
+"""Built-in engines: the simulated `mocker` and the torch `reference` engine."""
 
 from __future__ import annotations
 
@@ -13,10 +13,25 @@ def _mocker(context: EngineContext) -> Engine:
     return MockerEngine(context)
 
 
+def _reference(context: EngineContext) -> Engine:
+    # Imported on use: it pulls in torch, which the mocker and the frontend don't need.
+    from dynamo_gateway.engines.reference.engine import ReferenceEngine
+
+    return ReferenceEngine(context)
+
+
 @hookimpl
 def dynamo_gateway_register_engines(register: EngineRegister) -> None:
     register(
         "mocker",
         _mocker,
         description="simulated engine: timing model, real block manager and KV events, no compute",
+    )
+    register(
+        "reference",
+        _reference,
+        description=(
+            "torch reference engine: Llama/Qwen2/Mistral, paged KV cache, continuous batching, "
+            "prefix caching"
+        ),
     )

@@ -1,9 +1,10 @@
 """The mocker engine: continuous batching over a simulated KV cache, without a model.
 
-It schedules like a real paged-attention engine (FIFO admission, chunked
-prefill, one decode token per running sequence per step, preemption by
-recompute), keeps a real prefix cache with real KV events, and sleeps for
-each step as long as `TimingModel` says, divided by ``speedup``. Output is
+It schedules like a real paged-attention engine, with the same `Scheduler`
+as the reference engine (FIFO admission, chunked prefill, one decode token per
+running sequence per step, preemption by recompute), keeps a real prefix cache
+with real KV events, and sleeps for each step as long as `TimingModel` says,
+divided by ``speedup``. Output is
 readable words from the model's tokenizer (`text.py`). It exists for testing
 and scale experiments: hundreds of engines can share one event loop.
 
@@ -16,22 +17,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import deque
 from collections.abc import AsyncIterator
+from typing import cast
 
 from dynamo_gateway.engines.base import EngineBase, EngineContext, EngineState
 from dynamo_gateway.engines.mocker.text import TokenStream, WordSource, load_word_source
 from dynamo_gateway.engines.mocker.timing import TimingModel
+from dynamo_gateway.engines.scheduler import KvEventPublisher, Scheduler, Seq, SeqStatus, StepPlan
 from dynamo_gateway.errors import EngineError
-from dynamo_gateway.kv.block_manager import BlockManager, KvSequence
-from dynamo_gateway.protocol.engine import (
-    EngineOutput,
-    EngineRequest,
-    FinishReason,
-    LoadMetrics,
-    TokenLogprob,
-)
-from dynamo_gateway.protocol.kv_events import KvEvent
+from dynamo_gateway.kv.block_manager import BlockManager
+from dynamo_gateway.protocol.engine import EngineOutput, EngineRequest, FinishReason, LoadMetrics
 
 __all__ = ["MockerEngine"]
 
@@ -46,34 +41,16 @@ _MAX_LAG_S = 5e-3
 # Steps run back to back while behind schedule yield to the loop at least this often.
 _MAX_BURST_S = 2e-3
 
-_NOWHERE, _WAITING, _RUNNING = 0, 1, 2
-
 # KV capacity when `cache.num_kv_blocks` is not set: room for a busy worker.
 DEFAULT_KV_BLOCKS = 16384
 
+_RUNNING = SeqStatus.RUNNING
 
-class _Request:
-    """One request's scheduling state and its output collector, in one object."""
 
-    __slots__ = (
-        "cached_tokens",
-        "chunk",
-        "error",
-        "finish_reason",
-        "first_sent",
-        "kv",
-        "num_computed",
-        "out_logprobs",
-        "out_tokens",
-        "prefilling",
-        "queue",
-        "remaining",
-        "request_id",
-        "stream",
-        "tokens",
-        "top_k",
-        "waiter",
-    )
+class _Request(Seq):
+    """One request: the scheduler's `Seq` plus its word stream and consumer wake-up."""
+
+    __slots__ = ("stream", "top_k", "waiter")
 
     def __init__(
         self,
@@ -83,23 +60,9 @@ class _Request:
         stream: TokenStream,
         top_k: int | None,
     ) -> None:
-        self.request_id = request_id
-        self.tokens = tokens  # prompt, resumed tokens, then generated tokens
-        self.remaining = remaining  # tokens still to generate
+        super().__init__(request_id, tokens, remaining, logprobs=top_k is not None)
         self.stream = stream
         self.top_k = top_k  # None: no logprobs
-        self.kv = KvSequence()
-        self.num_computed = 0  # tokens whose KV is in the (simulated) cache
-        self.prefilling = True
-        self.chunk = 0  # tokens computed for it by the step in flight
-        self.queue = _NOWHERE
-        self.cached_tokens = 0
-        # The collector: what the step loop produced since the consumer last took it.
-        self.out_tokens: list[int] = []
-        self.out_logprobs: list[TokenLogprob] | None = [] if top_k is not None else None
-        self.finish_reason: FinishReason | None = None
-        self.error: str | None = None
-        self.first_sent = False
         self.waiter: asyncio.Future[None] | None = None
 
     def wake(self) -> None:
@@ -109,19 +72,6 @@ class _Request:
             if not waiter.done():
                 waiter.set_result(None)
 
-    def take(self) -> EngineOutput:
-        out = EngineOutput(token_ids=self.out_tokens, finish_reason=self.finish_reason)
-        self.out_tokens = []
-        if self.out_logprobs is not None:
-            out.logprobs = self.out_logprobs
-            self.out_logprobs = []
-        if not self.first_sent:
-            self.first_sent = True
-            out.cached_tokens = self.cached_tokens
-        if self.error is not None:
-            out.error = self.error
-        return out
-
 
 class MockerEngine(EngineBase):
     """A simulated engine for one worker; `MockerEngine(context)` is an `EngineFactory`."""
@@ -130,29 +80,27 @@ class MockerEngine(EngineBase):
         cfg = context.settings.mocker
         self._context = context
         self._worker_id = context.worker_id
-        self._publish = context.publish_kv_event
         sched = context.settings.scheduler
         cache = context.settings.cache
-        self._max_num_seqs = sched.max_num_seqs
-        self._max_batched_tokens = sched.max_num_batched_tokens
-        self._max_len = context.model.max_model_len
         self._timing = TimingModel.from_settings(cfg)
+        self._events = KvEventPublisher(context.worker_id, context.publish_kv_event)
         self._blocks = BlockManager(
             cache.num_kv_blocks or DEFAULT_KV_BLOCKS,
             cache.block_size,
-            record_events=self._publish is not None,
+            record_events=self._events.enabled,
+        )
+        self._sched = Scheduler(
+            self._blocks,
+            max_num_seqs=sched.max_num_seqs,
+            max_num_batched_tokens=sched.max_num_batched_tokens,
+            max_model_len=context.model.max_model_len,
         )
         self._state = EngineState.CREATED
         self._words: WordSource | None = None
-        self._requests: dict[str, _Request] = {}
-        self._waiting: deque[_Request] = deque()
-        self._running: list[_Request] = []  # in admission order
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._failure: BaseException | None = None
-        self._event_id = 0
-        self._num_preemptions = 0
         self._num_steps = 0
         self._clock = 0.0  # loop time at which the simulated step in flight ends
 
@@ -172,9 +120,14 @@ class MockerEngine(EngineBase):
         return self._blocks
 
     @property
+    def scheduler(self) -> Scheduler:
+        """The scheduler (read it, don't change it)."""
+        return self._sched
+
+    @property
     def num_preemptions(self) -> int:
         """Requests sent back to the waiting queue so far (for tests and stats)."""
-        return self._num_preemptions
+        return self._sched.num_preemptions
 
     @property
     def num_steps(self) -> int:
@@ -211,22 +164,22 @@ class MockerEngine(EngineBase):
         loop = self._loop
         try:
             while True:
-                if not req.out_tokens and req.finish_reason is None:
+                if len(req.tokens) == req.sent and req.finish_reason is None:  # nothing new
                     waiter: asyncio.Future[None] = loop.create_future()
                     req.waiter = waiter
                     await waiter
-                out = req.take()
+                out = req.take_output()
                 yield out
                 if out.finish_reason is not None:
                     return
         finally:
             if req.finish_reason is None:  # the consumer went away
-                self._finish(req, FinishReason.ABORT)
+                self._sched.finish(req, FinishReason.ABORT)
 
     async def abort(self, request_id: str) -> None:
-        req = self._requests.get(request_id)
-        if req is not None:
-            self._finish(req, FinishReason.ABORT)
+        seq = self._sched.abort(request_id)
+        if isinstance(seq, _Request):
+            seq.wake()
 
     async def check_health(self) -> None:
         if self._state is EngineState.FAILED:
@@ -238,8 +191,8 @@ class MockerEngine(EngineBase):
 
     def load(self) -> LoadMetrics:
         return LoadMetrics(
-            active_requests=len(self._running),
-            waiting_requests=len(self._waiting),
+            active_requests=self._sched.num_running,
+            waiting_requests=self._sched.num_waiting,
             kv_blocks_used=self._blocks.num_used,
             kv_blocks_total=self._blocks.num_blocks,
         )
@@ -257,15 +210,14 @@ class MockerEngine(EngineBase):
                 current = asyncio.current_task()
                 if current is not None and current.cancelling():
                     raise
-        for req in list(self._requests.values()):
-            self._finish(req, FinishReason.ABORT)
+        self._end_all(FinishReason.ABORT)
         self._blocks.clear()
-        self._publish_events()
+        self._events.publish(self._sched.drain_events())
 
     # -- requests ---------------------------------------------------------------------
 
     def _submit(self, request: EngineRequest) -> _Request:
-        if request.request_id in self._requests:
+        if self._sched.get(request.request_id) is not None:
             raise EngineError(f"request {request.request_id!r} is already running")
         assert self._words is not None
         sampling = request.sampling
@@ -273,72 +225,50 @@ class MockerEngine(EngineBase):
         tokens.extend(request.resumed_token_ids)
         if not tokens:
             raise EngineError(f"request {request.request_id!r} has an empty prompt")
-        remaining = min(
-            sampling.max_tokens - len(request.resumed_token_ids), self._max_len - len(tokens)
-        )
         stream = self._words.stream(
             request.prompt_token_ids, temperature=sampling.temperature, seed=sampling.seed
         )
-        req = _Request(request.request_id, tokens, remaining, stream, sampling.logprobs)
-        if remaining <= 0:
-            req.finish_reason = FinishReason.LENGTH
-            return req
-        needed = self._blocks.blocks_for(len(tokens))
-        if needed > self._blocks.num_blocks:
-            req.finish_reason = FinishReason.ERROR
-            req.error = f"prompt needs {needed} KV blocks, the mocker has {self._blocks.num_blocks}"
-            return req
-        self._requests[req.request_id] = req
-        req.queue = _WAITING
-        self._waiting.append(req)
-        self._wake.set()
+        req = _Request(
+            request.request_id,
+            tokens,
+            sampling.max_tokens - len(request.resumed_token_ids),
+            stream,
+            sampling.logprobs,
+        )
+        # False: it ended at once (nothing to generate, or too big); the consumer
+        # finds the finish reason without waiting.
+        if self._sched.add(req):
+            self._wake.set()
         return req
 
-    def _finish(self, req: _Request, reason: FinishReason, error: str | None = None) -> None:
-        """End a request wherever it is; its blocks go back to the pool."""
-        if req.finish_reason is not None:
-            return
-        if req.queue == _RUNNING:
-            self._running.remove(req)
-        elif req.queue == _WAITING:
-            self._waiting.remove(req)
-        req.queue = _NOWHERE
-        self._blocks.free(req.kv)
-        self._requests.pop(req.request_id, None)
-        req.finish_reason = reason
-        req.error = error
-        req.wake()
-
-    def _preempt(self, req: _Request) -> None:
-        """Send a running request back to the head of the queue; it will recompute its KV."""
-        self._blocks.free(req.kv)
-        req.num_computed = 0
-        req.prefilling = True
-        req.queue = _WAITING
-        self._waiting.appendleft(req)
-        self._num_preemptions += 1
+    def _end_all(self, reason: FinishReason, error: str | None = None) -> None:
+        for seq in self._sched.finish_all(reason, error):
+            if isinstance(seq, _Request):
+                seq.wake()
 
     # -- the step loop ----------------------------------------------------------------
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
+        sched = self._sched
         self._clock = loop.time()
         yielded_at = self._clock
         try:
             while True:
-                if not self._running and not self._waiting:
+                if not sched.has_work:
                     self._wake.clear()
                     await self._wake.wait()
                     self._clock = loop.time()  # idle time is not owed to anyone
                     continue
-                batch, prefill_tokens, decode_blocks = self._schedule()
-                if not batch:
-                    # Scheduling only finished or preempted requests (e.g. the last
-                    # running one hit the KV capacity): the next pass admits.
+                plan = sched.schedule()
+                for req in cast("list[_Request]", plan.finished):
+                    req.wake()
+                if not plan.seqs:
+                    # Scheduling only finished or preempted requests: the next pass admits.
                     await asyncio.sleep(0)
                     continue
                 now = loop.time()
-                duration = self._timing.step_seconds(prefill_tokens, decode_blocks)
+                duration = self._timing.step_seconds(plan.prefill_tokens, plan.decode_blocks)
                 self._clock = max(self._clock, now - _MAX_LAG_S) + duration
                 ahead = self._clock - now
                 if ahead >= _MIN_SLEEP_S:
@@ -352,149 +282,35 @@ class MockerEngine(EngineBase):
                 # finished the step meanwhile: complete it without yielding, and a
                 # busy consumer finds several tokens waiting (as it would behind a
                 # separate engine process) instead of slowing the engine down.
-                self._complete(batch)
+                self._complete(plan)
                 self._num_steps += 1
-                self._publish_events()
+                self._events.publish(sched.drain_events())
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             log.exception("mocker engine %s: step loop failed", self._worker_id)
             self._failure = exc
             self._state = EngineState.FAILED
-            for req in list(self._requests.values()):
-                self._finish(req, FinishReason.ERROR, f"mocker step failed: {exc!r}")
+            self._end_all(FinishReason.ERROR, f"mocker step failed: {exc!r}")
 
-    def _schedule(self) -> tuple[list[_Request], int, int]:
-        """Pick this step's work: returns (batch, new prefill tokens, decode KV blocks).
-
-        Algorithm: a token budget of ``max_num_batched_tokens`` is spent in three
-        passes. (1) Every decoding request, oldest first, gets one token; if its
-        next token needs a block and none is free, the most recently admitted
-        running request is preempted (blocks freed, pushed to the front of the
-        waiting queue) until the block fits; a request alone in a full cache
-        finishes with LENGTH, since its context can never grow. (2) Requests still
-        prefilling get chunks of their remaining prompt, in admission order.
-        (3) Unless (1) preempted, the waiting queue is admitted strictly FIFO while
-        budget, ``max_num_seqs`` and blocks allow (blocks for all known tokens, the
-        cached prefix reused, one spare block kept while others run); the head
-        never gets overtaken, so nobody starves, and the oldest running request
-        always progresses, so preemption cannot livelock.
-        """
-        budget = self._max_batched_tokens
-        blocks = self._blocks
-        bs = blocks.block_size
-        running = self._running
-        batch: list[_Request] = []
-        decode_blocks = 0
-        prefill_tokens = 0
-        preempted = False
-
-        i = 0
-        while i < len(running) and budget > 0:
-            req = running[i]
-            i += 1
-            if req.prefilling:
+    def _complete(self, plan: StepPlan) -> None:
+        """Draw a word for every sampling request and apply the step."""
+        sampled: list[int] = []
+        append = sampled.append
+        # Every Seq this engine schedules is a _Request (a cast, not a check per token).
+        for req in cast("list[_Request]", plan.sampling):
+            if req.status is not _RUNNING:
+                append(0)  # aborted while the step ran: complete() drops it
                 continue
-            kv = req.kv
-            if req.num_computed >= len(kv.block_ids) * bs and not blocks.append_slots(
-                kv, req.num_computed + 1
-            ):
-                preempted = True
-                if not self._make_room(req):
-                    continue
-            req.chunk = 1
-            budget -= 1
-            decode_blocks += len(kv.block_ids)
-            batch.append(req)
-
-        for req in running:
-            if budget <= 0:
-                break
-            if req.prefilling:
-                chunk = min(len(req.tokens) - req.num_computed, budget)
-                req.chunk = chunk
-                budget -= chunk
-                prefill_tokens += chunk
-                batch.append(req)
-
-        waiting = self._waiting
-        while not preempted and waiting and budget > 0 and len(running) < self._max_num_seqs:
-            req = waiting[0]
-            if not blocks.allocate(req.kv, req.tokens, reserve=1 if running else 0):
-                if running:
-                    break
-                # An empty cache can't hold it: it never will (checked at submit too).
-                self._finish(req, FinishReason.ERROR, "prompt does not fit the KV cache")
-                continue
-            waiting.popleft()
-            req.queue = _RUNNING
-            running.append(req)
-            req.num_computed = req.kv.num_cached_tokens
-            if not req.first_sent:
-                req.cached_tokens = req.kv.num_cached_tokens
-            chunk = min(len(req.tokens) - req.num_computed, budget)
-            req.chunk = chunk
-            budget -= chunk
-            prefill_tokens += chunk
-            batch.append(req)
-        return batch, prefill_tokens, decode_blocks
-
-    def _make_room(self, req: _Request) -> bool:
-        """Preempt the newest running requests until `req` gets its next block."""
-        running = self._running
-        while True:
-            if len(running) == 1:
-                self._finish(req, FinishReason.LENGTH)
-                return False
-            victim = running.pop()
-            self._preempt(victim)
-            if victim is req:
-                return False
-            if self._blocks.append_slots(req.kv, req.num_computed + 1):
-                return True
-
-    def _complete(self, batch: list[_Request]) -> None:
-        """Apply a finished step: advance the KV, sample one token per finished prefill/decode."""
-        blocks = self._blocks
-        bs = blocks.block_size
-        max_len = self._max_len
-        for req in batch:
-            if req.queue != _RUNNING:
-                continue  # aborted while the step ran
-            req.num_computed += req.chunk
-            tokens = req.tokens
-            # Only a block that just filled up needs committing (cheap test per token).
-            fills_block = req.num_computed >= (req.kv.num_registered + 1) * bs
-            if req.num_computed < len(tokens):
-                if fills_block:
-                    blocks.commit(req.kv, tokens, req.num_computed)
-                continue
-            req.prefilling = False
             if req.top_k is None:
-                token = req.stream.next()
+                append(req.stream.next())
             else:
                 token, logprob = req.stream.next_with_logprob(req.top_k)
-                assert req.out_logprobs is not None
-                req.out_logprobs.append(logprob)
-            tokens.append(token)
-            req.out_tokens.append(token)
-            req.remaining -= 1
-            if fills_block:
-                blocks.commit(req.kv, tokens, req.num_computed)
-            if req.remaining <= 0 or len(tokens) >= max_len:
-                self._finish(req, FinishReason.LENGTH)
-            elif req.waiter is not None:
+                append(token)
+                assert req.logprobs is not None
+                req.logprobs.append(logprob)
+            # Waking only schedules the consumer; it runs after complete() below has
+            # appended the token, so one pass serves both.
+            if req.waiter is not None:
                 req.wake()
-
-    def _publish_events(self) -> None:
-        events = self._blocks.drain_events()
-        publish = self._publish
-        if not events or publish is None:
-            return
-        for data in events:
-            self._event_id += 1
-            try:
-                publish(KvEvent(worker_id=self._worker_id, event_id=self._event_id, data=data))
-            except Exception:
-                # A broken sink must not stop serving; consumers see the gap in ids.
-                log.exception("mocker engine %s: publishing a KV event failed", self._worker_id)
+        self._sched.complete(plan, sampled)

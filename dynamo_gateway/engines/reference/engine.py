@@ -1,0 +1,438 @@
+"""The torch reference engine: a real model behind the shared continuous-batching scheduler.
+
+One worker = one `ReferenceModel`, one `PagedKVCache` whose block rows are the
+`BlockManager`'s block ids, the shared `Scheduler` (FIFO admission, chunked
+prefill, preemption by recompute, prefix caching) and a `Sampler`.
+
+Threading: the model never runs on the event loop. A step loop (an asyncio
+task) calls ``scheduler.schedule()`` on the loop, copies the step's inputs out
+of the scheduler's state, and hands them to ONE dedicated worker thread (a
+single-thread executor, so steps never overlap and torch state stays on one
+thread), which builds the `ForwardBatch`, runs the forward pass and samples.
+Back on the loop it records the tokens, applies stop rules, calls
+``scheduler.complete()``, wakes the consumers and publishes KV events. While a
+step runs, the loop stays free: consumers read, the frontend serves, and
+`abort()` takes effect at once (the blocks are freed; the request's results
+from the step in flight are dropped by ``complete()``). Nothing allocates
+blocks until the step is done, so the thread never writes KV into a block
+that someone else already owns.
+
+Generation ends with STOP at EOS or a stop token id (after ``min_tokens``,
+unless ``ignore_eos``), and with LENGTH at ``max_tokens`` (resumed tokens
+count) or the context window. A step that raises fails every request with
+ERROR and leaves the engine FAILED.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import cast
+
+import torch
+
+from dynamo_gateway.engines.base import EngineBase, EngineContext, EngineState
+from dynamo_gateway.engines.reference.batch import ForwardBatch, SeqInput
+from dynamo_gateway.engines.reference.kv_cache import PagedKVCache, auto_num_blocks
+from dynamo_gateway.engines.reference.model import ReferenceModel
+from dynamo_gateway.engines.reference.sampling import Sampler, SequenceSampler
+from dynamo_gateway.engines.scheduler import KvEventPublisher, Scheduler, Seq, SeqStatus, StepPlan
+from dynamo_gateway.errors import EngineError
+from dynamo_gateway.kv.block_manager import BlockManager
+from dynamo_gateway.protocol.engine import (
+    EngineOutput,
+    EngineRequest,
+    FinishReason,
+    LoadMetrics,
+    TokenLogprob,
+)
+
+__all__ = ["ReferenceEngine"]
+
+log = logging.getLogger(__name__)
+
+_RUNNING = SeqStatus.RUNNING
+
+StepResult = list[tuple[int, TokenLogprob | None]]
+
+
+class _Request(Seq):
+    """One request: the scheduler's `Seq` plus its sampling state and consumer wake-up.
+
+    The `SequenceSampler` lives as long as the request, preemptions included, so
+    a recomputed request samples exactly as it would have without preemption.
+    """
+
+    __slots__ = ("sampler", "waiter")
+
+    def __init__(
+        self,
+        request_id: str,
+        tokens: list[int],
+        max_new_tokens: int,
+        sampler: SequenceSampler,
+        *,
+        logprobs: bool,
+    ) -> None:
+        super().__init__(request_id, tokens, max_new_tokens, logprobs=logprobs)
+        self.sampler = sampler
+        self.waiter: asyncio.Future[None] | None = None
+
+    def wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None:
+            self.waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+
+@dataclass
+class _Runtime:
+    """What `start()` builds in the worker thread: the model and everything sized by it."""
+
+    model: ReferenceModel
+    cache: PagedKVCache
+    blocks: BlockManager
+    sampler: Sampler
+
+
+class ReferenceEngine(EngineBase):
+    """The torch engine for one worker; `ReferenceEngine(context)` is an `EngineFactory`."""
+
+    def __init__(self, context: EngineContext) -> None:
+        self._context = context
+        self._worker_id = context.worker_id
+        self._block_size = context.settings.cache.block_size
+        self._events = KvEventPublisher(context.worker_id, context.publish_kv_event)
+        self._state = EngineState.CREATED
+        self._rt: _Runtime | None = None
+        self._sched: Scheduler | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._failure: BaseException | None = None
+        self._vocab_size = 0
+        self._num_steps = 0
+
+    # -- introspection (tests, stats) -------------------------------------------------
+
+    @property
+    def state(self) -> EngineState:
+        return self._state
+
+    @property
+    def block_size(self) -> int:
+        return self._block_size
+
+    @property
+    def scheduler(self) -> Scheduler:
+        """The scheduler (read it, don't change it); exists once started."""
+        if self._sched is None:
+            raise EngineError(f"reference engine {self._worker_id} is {self._state.value}")
+        return self._sched
+
+    @property
+    def model(self) -> ReferenceModel:
+        if self._rt is None:
+            raise EngineError(f"reference engine {self._worker_id} is {self._state.value}")
+        return self._rt.model
+
+    @property
+    def num_preemptions(self) -> int:
+        return self._sched.num_preemptions if self._sched is not None else 0
+
+    @property
+    def num_steps(self) -> int:
+        return self._num_steps
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._state is EngineState.RUNNING:
+            return
+        if self._state is not EngineState.CREATED:
+            raise EngineError(
+                f"reference engine {self._worker_id} cannot start: {self._state.value}"
+            )
+        self._state = EngineState.STARTING
+        loop = asyncio.get_running_loop()
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ref-{self._worker_id}")
+        self._executor = executor
+        try:
+            # Loading reads and converts every weight: seconds for a real model.
+            rt = await loop.run_in_executor(executor, self._load)
+        except BaseException as exc:
+            if self._state is EngineState.STARTING:
+                self._state = EngineState.FAILED
+                self._failure = exc
+            executor.shutdown(wait=False)
+            raise
+        if self._state is not EngineState.STARTING:  # aclose() ran meanwhile
+            executor.shutdown(wait=False)
+            raise EngineError(f"reference engine {self._worker_id} closed while starting")
+        self._rt = rt
+        self._vocab_size = rt.model.config.vocab_size
+        max_len = self._context.model.max_model_len
+        max_pos = rt.model.config.max_position_embeddings
+        if max_len > max_pos:
+            # The model has no rotary table past this; a longer context would fail a step.
+            log.warning(
+                "reference engine %s: max_model_len %d exceeds the model's %d positions; using %d",
+                self._worker_id,
+                max_len,
+                max_pos,
+                max_pos,
+            )
+            max_len = max_pos
+        sched = self._context.settings.scheduler
+        self._sched = Scheduler(
+            rt.blocks,
+            max_num_seqs=sched.max_num_seqs,
+            max_num_batched_tokens=sched.max_num_batched_tokens,
+            max_model_len=max_len,
+        )
+        self._loop = loop
+        self._task = asyncio.create_task(self._run(), name=f"reference-step-{self._worker_id}")
+        self._state = EngineState.RUNNING
+        log.info(
+            "reference engine %s: %s, %d KV blocks of %d tokens",
+            self._worker_id,
+            rt.model.describe(),
+            rt.blocks.num_blocks,
+            self._block_size,
+        )
+
+    def _load(self) -> _Runtime:
+        """Runs in the worker thread: load the model, size and allocate the KV cache."""
+        settings = self._context.settings
+        ref = settings.reference
+        if ref.num_threads is not None:
+            torch.set_num_threads(ref.num_threads)
+        model = ReferenceModel.load(self._context.model.path, device=ref.device, dtype=ref.dtype)
+        bs = self._block_size
+        num_blocks = settings.cache.num_kv_blocks or auto_num_blocks(
+            model.config,
+            block_size=bs,
+            dtype=model.dtype,
+            device=model.device,
+            memory_fraction=ref.kv_cache_memory_fraction,
+            max_gb=ref.max_kv_cache_gb,
+        )
+        cache = PagedKVCache(
+            num_layers=model.config.num_layers,
+            num_blocks=num_blocks,
+            block_size=bs,
+            num_kv_heads=model.config.num_kv_heads,
+            head_dim=model.config.head_dim,
+            dtype=model.dtype,
+            device=model.device,
+        )
+        blocks = BlockManager(num_blocks, bs, record_events=self._events.enabled)
+        return _Runtime(model=model, cache=cache, blocks=blocks, sampler=Sampler())
+
+    async def aclose(self) -> None:
+        if self._state is EngineState.STOPPED:
+            return
+        self._state = EngineState.STOPPED
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise
+        if self._sched is not None:
+            self._end_all(FinishReason.ABORT)
+        executor, self._executor = self._executor, None
+        if executor is not None:
+            # A step may still be running in the thread (its task was cancelled, the
+            # thread was not): wait for it before the cache goes away.
+            await asyncio.get_running_loop().run_in_executor(None, executor.shutdown, True)
+        rt, self._rt = self._rt, None
+        if rt is not None:
+            rt.blocks.clear()
+            self._events.publish(rt.blocks.drain_events())
+
+    # -- Engine protocol --------------------------------------------------------------
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
+        if self._state is not EngineState.RUNNING or self._loop is None:
+            raise EngineError(f"reference engine {self._worker_id} is {self._state.value}")
+        req = self._submit(request)
+        loop = self._loop
+        try:
+            while True:
+                if not req.has_output:
+                    waiter: asyncio.Future[None] = loop.create_future()
+                    req.waiter = waiter
+                    await waiter
+                out = req.take_output()
+                yield out
+                if out.finish_reason is not None:
+                    return
+        finally:
+            if req.finish_reason is None and self._sched is not None:  # the consumer went away
+                self._sched.finish(req, FinishReason.ABORT)
+
+    async def abort(self, request_id: str) -> None:
+        if self._sched is None:
+            return
+        seq = self._sched.abort(request_id)
+        if isinstance(seq, _Request):
+            seq.wake()
+
+    async def check_health(self) -> None:
+        if self._state is EngineState.FAILED:
+            raise EngineError(f"reference engine {self._worker_id} failed: {self._failure!r}")
+        if self._state is not EngineState.RUNNING:
+            raise EngineError(f"reference engine {self._worker_id} is {self._state.value}")
+        if self._task is None or self._task.done():
+            raise EngineError(f"reference engine {self._worker_id}: step loop is not running")
+
+    def load(self) -> LoadMetrics:
+        sched = self._sched
+        if sched is None:
+            return LoadMetrics()
+        blocks = sched.block_manager
+        return LoadMetrics(
+            active_requests=sched.num_running,
+            waiting_requests=sched.num_waiting,
+            kv_blocks_used=blocks.num_used,
+            kv_blocks_total=blocks.num_blocks,
+        )
+
+    # -- requests ---------------------------------------------------------------------
+
+    def _submit(self, request: EngineRequest) -> _Request:
+        sched = self._sched
+        rt = self._rt
+        assert sched is not None and rt is not None
+        rid = request.request_id
+        if sched.get(rid) is not None:
+            raise EngineError(f"request {rid!r} is already running")
+        tokens = list(request.prompt_token_ids)
+        tokens.extend(request.resumed_token_ids)
+        if not tokens:
+            raise EngineError(f"request {rid!r} has an empty prompt")
+        vocab = self._vocab_size
+        if min(tokens) < 0 or max(tokens) >= vocab:
+            # Caught here: in a step it would fail every request of the batch.
+            raise EngineError(f"request {rid!r} has token ids outside the vocabulary (0..{vocab})")
+        sampling = request.sampling
+        sampler = SequenceSampler(
+            sampling,
+            eos_token_ids=self._context.model.eos_token_ids,
+            prompt_token_ids=request.prompt_token_ids,
+            device=rt.model.device,
+        )
+        # Resumed tokens were generated (elsewhere): they count for min_tokens,
+        # max_tokens and the frequency/presence penalties.
+        for token in request.resumed_token_ids:
+            sampler.record(token)
+        req = _Request(
+            rid,
+            tokens,
+            sampling.max_tokens - len(request.resumed_token_ids),
+            sampler,
+            logprobs=sampling.logprobs is not None,
+        )
+        # False: it ended at once (nothing to generate, or too big for the cache);
+        # the consumer finds the finish reason without waiting.
+        if sched.add(req):
+            self._wake.set()
+        return req
+
+    def _end_all(self, reason: FinishReason, error: str | None = None) -> None:
+        assert self._sched is not None
+        for seq in self._sched.finish_all(reason, error):
+            if isinstance(seq, _Request):
+                seq.wake()
+
+    # -- the step loop ----------------------------------------------------------------
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        sched = self._sched
+        executor = self._executor
+        assert sched is not None and executor is not None
+        try:
+            while True:
+                if not sched.has_work:
+                    self._wake.clear()
+                    await self._wake.wait()
+                    continue
+                plan = sched.schedule()
+                for req in cast("list[_Request]", plan.finished):
+                    req.wake()
+                if not plan.seqs:
+                    # Only finished or preempted sequences: the next pass admits.
+                    await asyncio.sleep(0)
+                    continue
+                # Copied on the loop: the thread never reads state the loop may change.
+                inputs = self._step_inputs(plan)
+                samplers = [cast("_Request", seq).sampler for seq in plan.sampling]
+                results = await loop.run_in_executor(executor, self._compute, inputs, samplers)
+                self._apply(plan, results)
+                self._num_steps += 1
+                self._events.publish(sched.drain_events())
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("reference engine %s: step failed", self._worker_id)
+            self._failure = exc
+            self._state = EngineState.FAILED
+            self._end_all(FinishReason.ERROR, f"reference engine step failed: {exc!r}")
+
+    @staticmethod
+    def _step_inputs(plan: StepPlan) -> list[SeqInput]:
+        return [
+            SeqInput(
+                token_ids=seq.step_tokens,
+                start_pos=seq.num_computed,
+                block_table=tuple(seq.kv.block_ids),
+                want_logits=seq.samples,
+            )
+            for seq in plan.seqs
+        ]
+
+    def _compute(self, inputs: list[SeqInput], samplers: list[SequenceSampler]) -> StepResult:
+        """Runs in the worker thread: one forward pass, then one token per sampling row."""
+        rt = self._rt
+        # aclose() waits for the executor before it drops the runtime.
+        assert rt is not None
+        model = rt.model
+        batch = ForwardBatch.build(seqs=inputs, block_size=self._block_size, device=model.device)
+        logits = model.forward(batch, rt.cache)
+        if not samplers:
+            return []
+        return rt.sampler(logits, samplers)
+
+    def _apply(self, plan: StepPlan, results: StepResult) -> None:
+        """Back on the loop: record the tokens, apply stop rules, complete the step."""
+        assert self._sched is not None
+        sampled: list[int] = []
+        stops: list[FinishReason | None] = []
+        live: list[_Request] = []
+        for req, (token, logprob) in zip(
+            cast("list[_Request]", plan.sampling), results, strict=True
+        ):
+            sampled.append(token)
+            if req.status is not _RUNNING:
+                stops.append(None)  # ended while the step ran: complete() drops it
+                continue
+            req.sampler.record(token)
+            if req.logprobs is not None and logprob is not None:
+                req.logprobs.append(logprob)
+            # STOP (EOS, stop ids) or LENGTH (max_tokens, resumed tokens included);
+            # the scheduler adds LENGTH at the context window.
+            stops.append(req.sampler.finish_reason(token))
+            live.append(req)
+        self._sched.complete(plan, sampled, stops)
+        for req in live:
+            req.wake()
