@@ -6,8 +6,8 @@ STAMP  := $(VENV)/.installed
 MODEL  ?= models/demo
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
-ENGINE ?= mocker
-WORKERS ?= 2
+ENGINE ?= reference
+WORKERS ?= 1
 PLUGINS := plugins/vllm plugins/sglang plugins/trtllm plugins/nixl
 
 .PHONY: setup serve test lint typecheck pytest bench clean

