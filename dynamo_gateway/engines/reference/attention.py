@@ -109,12 +109,6 @@ class GatherSDPA:
         self.head_dim = head_dim
         self.n_rep = num_heads // num_kv_heads
         self.sliding_window = sliding_window
-        # Decode by batched matmul over block-diagonal queries (see `_decode_bmm`): it
-        # multiplies num_kv_heads times the needed FLOPs, so only for few KV heads.
-        self.decode_bmm = num_kv_heads <= 2
-        # [1, kv_heads, 1, kv_heads, 1]: identity over KV heads, times the softmax scale.
-        self.block_eye = torch.eye(num_kv_heads).view(1, num_kv_heads, 1, num_kv_heads, 1)
-        self.block_eye *= head_dim**-0.5
 
     def begin(self, batch: ForwardBatch, cache: PagedKVCache) -> LayerAttention:
         device = batch.positions.device
@@ -210,8 +204,6 @@ class _GatherStep:
         self.n_rep = backend.n_rep
         self.head_dim = backend.head_dim
         self.width = backend.num_heads * backend.head_dim
-        self.decode_bmm = backend.decode_bmm
-        self.block_eye = backend.block_eye.to(device=cache.device, dtype=cache.dtype)
 
     def __call__(self, layer: int, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
         # [2, num_slots, kv_heads, hd] <- [2, T, kv_heads, hd]: keys and values in one op.
@@ -249,8 +241,6 @@ class _GatherStep:
         gathered = gathered.view(2, g, group.gathered, kvh, hd)[:, :, : group.max_keys]
         key = gathered[0].transpose(1, 2)  # [G, kv_heads, L, hd]
         value = gathered[1].transpose(1, 2)
-        if group.kind is _Kind.DECODE and self.decode_bmm:
-            return self._decode_bmm(group, q, gathered)
         if group.kind is _Kind.DECODE:
             # Heads h = kv * n_rep + r share KV head kv (the order of HF's repeat_kv).
             query = q.view(g, kvh, self.n_rep, hd)
@@ -266,33 +256,6 @@ class _GatherStep:
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=group.mask)
         out = out.transpose(1, 2).reshape(g * m, self.width)  # [G * max_q, heads * hd]
         return out.index_select(0, group.unpad_index)
-
-
-    def _decode_bmm(self, group: _Group, q: torch.Tensor, gathered: torch.Tensor) -> torch.Tensor:
-        """Decode attention as two bmm: q [G, heads, hd] over gathered [2, G, L, kv_heads, hd].
-
-        Why: at decode sizes (one query, head_dim ~32-128) CPU SDPA spends more time in
-        its per-head tiling than in arithmetic. Per sequence the keys ``[L, kv_heads *
-        hd]`` are one strided matrix of the gathered buffer, so a bmm reads them in
-        place. Query head ``h`` (of KV head ``k = h // n_rep``) is written into the
-        ``k``-th ``hd`` slice of a zero row ``[kv_heads * hd]`` (block-diagonal), so its
-        dot product with a key row picks exactly KV head ``k``; the output keeps the
-        same diagonal slice of ``probs @ values``. The mask is added by baddbmm.
-        """
-        g, kvh, hd = group.num_seqs, self.kv_heads, self.head_dim
-        length = gathered.shape[2]
-        # [G, kv_heads, n_rep, kv_heads, hd] -> [G, heads, kv_heads * hd], pre-scaled
-        query = (q.view(g, kvh, self.n_rep, 1, hd) * self.block_eye).view(g, -1, kvh * hd)
-        key = gathered[0].reshape(g, length, kvh * hd).transpose(1, 2)  # [G, kv*hd, L], a view
-        value = gathered[1].reshape(g, length, kvh * hd)  # [G, L, kv_heads * hd], a view
-        if group.mask is None:
-            scores = torch.bmm(query, key)  # [G, heads, L]
-        else:
-            scores = torch.baddbmm(group.mask.view(g, 1, length), query, key)
-        mixed = torch.bmm(torch.softmax(scores, -1), value)  # [G, heads, kv_heads * hd]
-        # Keep head h's own KV head slice: diagonal over (kv of h, kv slice).
-        own = torch.diagonal(mixed.view(g, kvh, self.n_rep, kvh, hd), dim1=1, dim2=3)
-        return own.permute(0, 3, 1, 2).reshape(g, self.width)  # [G, heads * hd]
 
 
 def make_backend(
