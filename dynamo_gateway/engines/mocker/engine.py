@@ -17,16 +17,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
 from typing import cast
 
-from dynamo_gateway.engines.base import EngineBase, EngineContext, EngineState
+from dynamo_gateway.engines.base import EngineContext, EngineState
 from dynamo_gateway.engines.mocker.text import TokenStream, WordSource, load_word_source
 from dynamo_gateway.engines.mocker.timing import TimingModel
-from dynamo_gateway.engines.scheduler import KvEventPublisher, Scheduler, Seq, SeqStatus, StepPlan
+from dynamo_gateway.engines.scheduled import ScheduledEngine, WaitingSeq
+from dynamo_gateway.engines.scheduler import Scheduler, SeqStatus, StepPlan
 from dynamo_gateway.errors import EngineError
 from dynamo_gateway.kv.block_manager import BlockManager
-from dynamo_gateway.protocol.engine import EngineOutput, EngineRequest, FinishReason, LoadMetrics
+from dynamo_gateway.protocol.engine import EngineRequest
 
 __all__ = ["MockerEngine"]
 
@@ -47,10 +47,10 @@ DEFAULT_KV_BLOCKS = 16384
 _RUNNING = SeqStatus.RUNNING
 
 
-class _Request(Seq):
-    """One request: the scheduler's `Seq` plus its word stream and consumer wake-up."""
+class _Request(WaitingSeq):
+    """One request: the scheduler's `Seq` plus its word stream."""
 
-    __slots__ = ("stream", "top_k", "waiter")
+    __slots__ = ("stream", "top_k")
 
     def __init__(
         self,
@@ -63,27 +63,18 @@ class _Request(Seq):
         super().__init__(request_id, tokens, remaining, logprobs=top_k is not None)
         self.stream = stream
         self.top_k = top_k  # None: no logprobs
-        self.waiter: asyncio.Future[None] | None = None
-
-    def wake(self) -> None:
-        waiter = self.waiter
-        if waiter is not None:
-            self.waiter = None
-            if not waiter.done():
-                waiter.set_result(None)
 
 
-class MockerEngine(EngineBase):
+class MockerEngine(ScheduledEngine):
     """A simulated engine for one worker; `MockerEngine(context)` is an `EngineFactory`."""
 
+    kind = "mocker"
+
     def __init__(self, context: EngineContext) -> None:
-        cfg = context.settings.mocker
-        self._context = context
-        self._worker_id = context.worker_id
+        super().__init__(context)
         sched = context.settings.scheduler
         cache = context.settings.cache
-        self._timing = TimingModel.from_settings(cfg)
-        self._events = KvEventPublisher(context.worker_id, context.publish_kv_event)
+        self._timing = TimingModel.from_settings(context.settings.mocker)
         self._blocks = BlockManager(
             cache.num_kv_blocks or DEFAULT_KV_BLOCKS,
             cache.block_size,
@@ -95,44 +86,13 @@ class MockerEngine(EngineBase):
             max_num_batched_tokens=sched.max_num_batched_tokens,
             max_model_len=context.model.max_model_len,
         )
-        self._state = EngineState.CREATED
         self._words: WordSource | None = None
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._failure: BaseException | None = None
-        self._num_steps = 0
         self._clock = 0.0  # loop time at which the simulated step in flight ends
-
-    # -- Engine protocol --------------------------------------------------------------
-
-    @property
-    def state(self) -> EngineState:
-        return self._state
-
-    @property
-    def block_size(self) -> int:
-        return self._blocks.block_size
 
     @property
     def block_manager(self) -> BlockManager:
         """The simulated KV cache (read it, don't change it)."""
         return self._blocks
-
-    @property
-    def scheduler(self) -> Scheduler:
-        """The scheduler (read it, don't change it)."""
-        return self._sched
-
-    @property
-    def num_preemptions(self) -> int:
-        """Requests sent back to the waiting queue so far (for tests and stats)."""
-        return self._sched.num_preemptions
-
-    @property
-    def num_steps(self) -> int:
-        """Engine steps simulated so far (for tests and stats)."""
-        return self._num_steps
 
     async def start(self) -> None:
         if self._state is EngineState.RUNNING:
@@ -153,104 +113,33 @@ class MockerEngine(EngineBase):
             self._state = EngineState.FAILED
             self._failure = exc
             raise
-        self._loop = asyncio.get_running_loop()
-        self._task = asyncio.create_task(self._run(), name=f"mocker-step-{self._worker_id}")
-        self._state = EngineState.RUNNING
-
-    async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
-        if self._state is not EngineState.RUNNING or self._loop is None:
-            raise EngineError(f"mocker engine {self._worker_id} is {self._state.value}")
-        req = self._submit(request)
-        loop = self._loop
-        try:
-            while True:
-                if len(req.tokens) == req.sent and req.finish_reason is None:  # nothing new
-                    waiter: asyncio.Future[None] = loop.create_future()
-                    req.waiter = waiter
-                    await waiter
-                out = req.take_output()
-                yield out
-                if out.finish_reason is not None:
-                    return
-        finally:
-            if req.finish_reason is None:  # the consumer went away
-                self._sched.finish(req, FinishReason.ABORT)
-
-    async def abort(self, request_id: str) -> None:
-        seq = self._sched.abort(request_id)
-        if isinstance(seq, _Request):
-            seq.wake()
-
-    async def check_health(self) -> None:
-        if self._state is EngineState.FAILED:
-            raise EngineError(f"mocker engine {self._worker_id} failed: {self._failure!r}")
-        if self._state is not EngineState.RUNNING:
-            raise EngineError(f"mocker engine {self._worker_id} is {self._state.value}")
-        if self._task is None or self._task.done():
-            raise EngineError(f"mocker engine {self._worker_id}: step loop is not running")
-
-    def load(self) -> LoadMetrics:
-        return LoadMetrics(
-            active_requests=self._sched.num_running,
-            waiting_requests=self._sched.num_waiting,
-            kv_blocks_used=self._blocks.num_used,
-            kv_blocks_total=self._blocks.num_blocks,
-        )
+        self._start_loop()
 
     async def aclose(self) -> None:
-        if self._state is EngineState.STOPPED:
+        if not await self._stop_loop():
             return
-        self._state = EngineState.STOPPED
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                current = asyncio.current_task()
-                if current is not None and current.cancelling():
-                    raise
-        self._end_all(FinishReason.ABORT)
         self._blocks.clear()
-        self._events.publish(self._sched.drain_events())
+        self._events.publish(self._blocks.drain_events())
 
-    # -- requests ---------------------------------------------------------------------
-
-    def _submit(self, request: EngineRequest) -> _Request:
-        if self._sched.get(request.request_id) is not None:
-            raise EngineError(f"request {request.request_id!r} is already running")
+    def _make_request(self, request: EngineRequest, tokens: list[int]) -> _Request:
         assert self._words is not None
         sampling = request.sampling
-        tokens = list(request.prompt_token_ids)
-        tokens.extend(request.resumed_token_ids)
-        if not tokens:
-            raise EngineError(f"request {request.request_id!r} has an empty prompt")
         stream = self._words.stream(
             request.prompt_token_ids, temperature=sampling.temperature, seed=sampling.seed
         )
-        req = _Request(
+        return _Request(
             request.request_id,
             tokens,
             sampling.max_tokens - len(request.resumed_token_ids),
             stream,
             sampling.logprobs,
         )
-        # False: it ended at once (nothing to generate, or too big); the consumer
-        # finds the finish reason without waiting.
-        if self._sched.add(req):
-            self._wake.set()
-        return req
-
-    def _end_all(self, reason: FinishReason, error: str | None = None) -> None:
-        for seq in self._sched.finish_all(reason, error):
-            if isinstance(seq, _Request):
-                seq.wake()
 
     # -- the step loop ----------------------------------------------------------------
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
-        sched = self._sched
+        sched = self.scheduler
         self._clock = loop.time()
         yielded_at = self._clock
         try:
@@ -288,10 +177,7 @@ class MockerEngine(EngineBase):
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            log.exception("mocker engine %s: step loop failed", self._worker_id)
-            self._failure = exc
-            self._state = EngineState.FAILED
-            self._end_all(FinishReason.ERROR, f"mocker step failed: {exc!r}")
+            self._fail(exc)
 
     def _complete(self, plan: StepPlan) -> None:
         """Draw a word for every sampling request and apply the step."""
@@ -313,4 +199,4 @@ class MockerEngine(EngineBase):
             # appended the token, so one pass serves both.
             if req.waiter is not None:
                 req.wake()
-        self._sched.complete(plan, sampled)
+        self.scheduler.complete(plan, sampled)

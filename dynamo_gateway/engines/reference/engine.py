@@ -27,26 +27,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import cast
 
 import torch
 
-from dynamo_gateway.engines.base import EngineBase, EngineContext, EngineState
+from dynamo_gateway.engines.base import EngineContext, EngineState
 from dynamo_gateway.engines.reference.batch import ForwardBatch, SeqInput
 from dynamo_gateway.engines.reference.kv_cache import PagedKVCache, auto_num_blocks
 from dynamo_gateway.engines.reference.model import ReferenceModel
 from dynamo_gateway.engines.reference.sampling import Sampler, SequenceSampler
-from dynamo_gateway.engines.scheduler import KvEventPublisher, Scheduler, Seq, SeqStatus, StepPlan
+from dynamo_gateway.engines.scheduled import ScheduledEngine, WaitingSeq
+from dynamo_gateway.engines.scheduler import Scheduler, SeqStatus, StepPlan
 from dynamo_gateway.errors import EngineError
 from dynamo_gateway.kv.block_manager import BlockManager
 from dynamo_gateway.protocol.engine import (
-    EngineOutput,
     EngineRequest,
     FinishReason,
-    LoadMetrics,
     TokenLogprob,
 )
 
@@ -59,14 +57,14 @@ _RUNNING = SeqStatus.RUNNING
 StepResult = list[tuple[int, TokenLogprob | None]]
 
 
-class _Request(Seq):
-    """One request: the scheduler's `Seq` plus its sampling state and consumer wake-up.
+class _Request(WaitingSeq):
+    """One request: the scheduler's `Seq` plus its sampling state.
 
     The `SequenceSampler` lives as long as the request, preemptions included, so
     a recomputed request samples exactly as it would have without preemption.
     """
 
-    __slots__ = ("sampler", "waiter")
+    __slots__ = ("sampler",)
 
     def __init__(
         self,
@@ -79,14 +77,6 @@ class _Request(Seq):
     ) -> None:
         super().__init__(request_id, tokens, max_new_tokens, logprobs=logprobs)
         self.sampler = sampler
-        self.waiter: asyncio.Future[None] | None = None
-
-    def wake(self) -> None:
-        waiter = self.waiter
-        if waiter is not None:
-            self.waiter = None
-            if not waiter.done():
-                waiter.set_result(None)
 
 
 @dataclass
@@ -99,55 +89,22 @@ class _Runtime:
     sampler: Sampler
 
 
-class ReferenceEngine(EngineBase):
+class ReferenceEngine(ScheduledEngine):
     """The torch engine for one worker; `ReferenceEngine(context)` is an `EngineFactory`."""
 
+    kind = "reference"
+
     def __init__(self, context: EngineContext) -> None:
-        self._context = context
-        self._worker_id = context.worker_id
-        self._block_size = context.settings.cache.block_size
-        self._events = KvEventPublisher(context.worker_id, context.publish_kv_event)
-        self._state = EngineState.CREATED
+        super().__init__(context)
         self._rt: _Runtime | None = None
-        self._sched: Scheduler | None = None
         self._executor: ThreadPoolExecutor | None = None
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._failure: BaseException | None = None
         self._vocab_size = 0
-        self._num_steps = 0
-
-    # -- introspection (tests, stats) -------------------------------------------------
-
-    @property
-    def state(self) -> EngineState:
-        return self._state
-
-    @property
-    def block_size(self) -> int:
-        return self._block_size
-
-    @property
-    def scheduler(self) -> Scheduler:
-        """The scheduler (read it, don't change it); exists once started."""
-        if self._sched is None:
-            raise EngineError(f"reference engine {self._worker_id} is {self._state.value}")
-        return self._sched
 
     @property
     def model(self) -> ReferenceModel:
         if self._rt is None:
             raise EngineError(f"reference engine {self._worker_id} is {self._state.value}")
         return self._rt.model
-
-    @property
-    def num_preemptions(self) -> int:
-        return self._sched.num_preemptions if self._sched is not None else 0
-
-    @property
-    def num_steps(self) -> int:
-        return self._num_steps
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -195,9 +152,7 @@ class ReferenceEngine(EngineBase):
             max_num_batched_tokens=sched.max_num_batched_tokens,
             max_model_len=max_len,
         )
-        self._loop = loop
-        self._task = asyncio.create_task(self._run(), name=f"reference-step-{self._worker_id}")
-        self._state = EngineState.RUNNING
+        self._start_loop()
         log.info(
             "reference engine %s: %s, %d KV blocks of %d tokens",
             self._worker_id,
@@ -235,20 +190,8 @@ class ReferenceEngine(EngineBase):
         return _Runtime(model=model, cache=cache, blocks=blocks, sampler=Sampler())
 
     async def aclose(self) -> None:
-        if self._state is EngineState.STOPPED:
+        if not await self._stop_loop():
             return
-        self._state = EngineState.STOPPED
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                current = asyncio.current_task()
-                if current is not None and current.cancelling():
-                    raise
-        if self._sched is not None:
-            self._end_all(FinishReason.ABORT)
         executor, self._executor = self._executor, None
         if executor is not None:
             # A step may still be running in the thread (its task was cancelled, the
@@ -259,71 +202,17 @@ class ReferenceEngine(EngineBase):
             rt.blocks.clear()
             self._events.publish(rt.blocks.drain_events())
 
-    # -- Engine protocol --------------------------------------------------------------
-
-    async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
-        if self._state is not EngineState.RUNNING or self._loop is None:
-            raise EngineError(f"reference engine {self._worker_id} is {self._state.value}")
-        req = self._submit(request)
-        loop = self._loop
-        try:
-            while True:
-                if not req.has_output:
-                    waiter: asyncio.Future[None] = loop.create_future()
-                    req.waiter = waiter
-                    await waiter
-                out = req.take_output()
-                yield out
-                if out.finish_reason is not None:
-                    return
-        finally:
-            if req.finish_reason is None and self._sched is not None:  # the consumer went away
-                self._sched.finish(req, FinishReason.ABORT)
-
-    async def abort(self, request_id: str) -> None:
-        if self._sched is None:
-            return
-        seq = self._sched.abort(request_id)
-        if isinstance(seq, _Request):
-            seq.wake()
-
-    async def check_health(self) -> None:
-        if self._state is EngineState.FAILED:
-            raise EngineError(f"reference engine {self._worker_id} failed: {self._failure!r}")
-        if self._state is not EngineState.RUNNING:
-            raise EngineError(f"reference engine {self._worker_id} is {self._state.value}")
-        if self._task is None or self._task.done():
-            raise EngineError(f"reference engine {self._worker_id}: step loop is not running")
-
-    def load(self) -> LoadMetrics:
-        sched = self._sched
-        if sched is None:
-            return LoadMetrics()
-        blocks = sched.block_manager
-        return LoadMetrics(
-            active_requests=sched.num_running,
-            waiting_requests=sched.num_waiting,
-            kv_blocks_used=blocks.num_used,
-            kv_blocks_total=blocks.num_blocks,
-        )
-
     # -- requests ---------------------------------------------------------------------
 
-    def _submit(self, request: EngineRequest) -> _Request:
-        sched = self._sched
+    def _make_request(self, request: EngineRequest, tokens: list[int]) -> _Request:
         rt = self._rt
-        assert sched is not None and rt is not None
-        rid = request.request_id
-        if sched.get(rid) is not None:
-            raise EngineError(f"request {rid!r} is already running")
-        tokens = list(request.prompt_token_ids)
-        tokens.extend(request.resumed_token_ids)
-        if not tokens:
-            raise EngineError(f"request {rid!r} has an empty prompt")
+        assert rt is not None
         vocab = self._vocab_size
         if min(tokens) < 0 or max(tokens) >= vocab:
             # Caught here: in a step it would fail every request of the batch.
-            raise EngineError(f"request {rid!r} has token ids outside the vocabulary (0..{vocab})")
+            raise EngineError(
+                f"request {request.request_id!r} has token ids outside the vocabulary (0..{vocab})"
+            )
         sampling = request.sampling
         sampler = SequenceSampler(
             sampling,
@@ -335,24 +224,13 @@ class ReferenceEngine(EngineBase):
         # max_tokens and the frequency/presence penalties.
         for token in request.resumed_token_ids:
             sampler.record(token)
-        req = _Request(
-            rid,
+        return _Request(
+            request.request_id,
             tokens,
             sampling.max_tokens - len(request.resumed_token_ids),
             sampler,
             logprobs=sampling.logprobs is not None,
         )
-        # False: it ended at once (nothing to generate, or too big for the cache);
-        # the consumer finds the finish reason without waiting.
-        if sched.add(req):
-            self._wake.set()
-        return req
-
-    def _end_all(self, reason: FinishReason, error: str | None = None) -> None:
-        assert self._sched is not None
-        for seq in self._sched.finish_all(reason, error):
-            if isinstance(seq, _Request):
-                seq.wake()
 
     # -- the step loop ----------------------------------------------------------------
 
@@ -384,10 +262,7 @@ class ReferenceEngine(EngineBase):
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            log.exception("reference engine %s: step failed", self._worker_id)
-            self._failure = exc
-            self._state = EngineState.FAILED
-            self._end_all(FinishReason.ERROR, f"reference engine step failed: {exc!r}")
+            self._fail(exc)
 
     @staticmethod
     def _step_inputs(plan: StepPlan) -> list[SeqInput]:

@@ -1,0 +1,203 @@
+"""The asynchronous half shared by engines built on the pure `Scheduler`.
+
+An engine built on the scheduler differs from another only in how it runs a
+step (the mocker sleeps per its timing model, the reference engine runs a
+model on a worker thread) and in what a request carries (a word stream, a
+sampler). Everything else lives here: submitting requests, the coalescing
+output stream each consumer reads, abort, health, load and stopping the step
+loop. Subclasses implement `start()`, `_run()` (the step loop, which must call
+`_fail()` if a step raises) and `_make_request()`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import ClassVar
+
+from dynamo_gateway.engines.base import EngineBase, EngineContext, EngineState
+from dynamo_gateway.engines.scheduler import KvEventPublisher, Scheduler, Seq
+from dynamo_gateway.errors import EngineError
+from dynamo_gateway.protocol.engine import EngineOutput, EngineRequest, FinishReason, LoadMetrics
+
+log = logging.getLogger(__name__)
+
+
+class WaitingSeq(Seq):
+    """A scheduler `Seq` whose consumer can wait for output (the request's collector)."""
+
+    __slots__ = ("waiter",)
+
+    def __init__(
+        self, request_id: str, tokens: list[int], max_new_tokens: int, *, logprobs: bool
+    ) -> None:
+        super().__init__(request_id, tokens, max_new_tokens, logprobs=logprobs)
+        self.waiter: asyncio.Future[None] | None = None
+
+    def wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None:
+            self.waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+
+class ScheduledEngine(EngineBase):
+    """Request plumbing of a scheduler-driven engine (see the module docstring)."""
+
+    kind: ClassVar[str] = "engine"  # names the engine in messages: "mocker engine w0 ..."
+
+    def __init__(self, context: EngineContext) -> None:
+        self._context = context
+        self._worker_id = context.worker_id
+        self._block_size = context.settings.cache.block_size
+        self._events = KvEventPublisher(context.worker_id, context.publish_kv_event)
+        self._state = EngineState.CREATED
+        self._sched: Scheduler | None = None  # set by start() (or __init__) of the subclass
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._failure: BaseException | None = None
+        self._num_steps = 0
+
+    # -- introspection (tests, stats) -------------------------------------------------
+
+    @property
+    def state(self) -> EngineState:
+        return self._state
+
+    @property
+    def block_size(self) -> int:
+        return self._block_size
+
+    @property
+    def scheduler(self) -> Scheduler:
+        """The scheduler (read it, don't change it); exists once started."""
+        if self._sched is None:
+            raise EngineError(self._describe())
+        return self._sched
+
+    @property
+    def num_preemptions(self) -> int:
+        """Requests sent back to the waiting queue so far."""
+        return self._sched.num_preemptions if self._sched is not None else 0
+
+    @property
+    def num_steps(self) -> int:
+        """Engine steps run so far."""
+        return self._num_steps
+
+    def _describe(self) -> str:
+        return f"{self.kind} engine {self._worker_id} is {self._state.value}"
+
+    # -- the Engine protocol ----------------------------------------------------------
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
+        if self._state is not EngineState.RUNNING or self._loop is None:
+            raise EngineError(self._describe())
+        req = self._submit(request)
+        loop = self._loop
+        try:
+            while True:
+                if not req.has_output:
+                    waiter: asyncio.Future[None] = loop.create_future()
+                    req.waiter = waiter
+                    await waiter
+                out = req.take_output()
+                yield out
+                if out.finish_reason is not None:
+                    return
+        finally:
+            if req.finish_reason is None and self._sched is not None:  # the consumer left
+                self._sched.finish(req, FinishReason.ABORT)
+
+    async def abort(self, request_id: str) -> None:
+        if self._sched is None:
+            return
+        seq = self._sched.abort(request_id)
+        if isinstance(seq, WaitingSeq):
+            seq.wake()
+
+    async def check_health(self) -> None:
+        if self._state is EngineState.FAILED:
+            raise EngineError(f"{self.kind} engine {self._worker_id} failed: {self._failure!r}")
+        if self._state is not EngineState.RUNNING:
+            raise EngineError(self._describe())
+        if self._task is None or self._task.done():
+            raise EngineError(f"{self.kind} engine {self._worker_id}: step loop is not running")
+
+    def load(self) -> LoadMetrics:
+        sched = self._sched
+        if sched is None:
+            return LoadMetrics()
+        blocks = sched.block_manager
+        return LoadMetrics(
+            active_requests=sched.num_running,
+            waiting_requests=sched.num_waiting,
+            kv_blocks_used=blocks.num_used,
+            kv_blocks_total=blocks.num_blocks,
+        )
+
+    # -- for subclasses ---------------------------------------------------------------
+
+    def _make_request(self, request: EngineRequest, tokens: list[int]) -> WaitingSeq:
+        """Build the engine's own request object; `tokens` = prompt + resumed tokens."""
+        raise NotImplementedError
+
+    def _submit(self, request: EngineRequest) -> WaitingSeq:
+        sched = self._sched
+        assert sched is not None
+        rid = request.request_id
+        if sched.get(rid) is not None:
+            raise EngineError(f"request {rid!r} is already running")
+        tokens = list(request.prompt_token_ids)
+        tokens.extend(request.resumed_token_ids)
+        if not tokens:
+            raise EngineError(f"request {rid!r} has an empty prompt")
+        req = self._make_request(request, tokens)
+        # False: it ended at once (nothing to generate, or too big for the cache);
+        # the consumer finds the finish reason without waiting.
+        if sched.add(req):
+            self._wake.set()
+        return req
+
+    def _start_loop(self) -> None:
+        """Start the step loop; the engine is RUNNING from here on."""
+        self._loop = asyncio.get_running_loop()
+        self._task = asyncio.create_task(self._run(), name=f"{self.kind}-{self._worker_id}")
+        self._state = EngineState.RUNNING
+
+    async def _run(self) -> None:
+        raise NotImplementedError
+
+    def _fail(self, exc: BaseException) -> None:
+        """A step raised: every request ends with ERROR and the engine is FAILED."""
+        log.exception("%s engine %s: step failed", self.kind, self._worker_id, exc_info=exc)
+        self._failure = exc
+        self._state = EngineState.FAILED
+        self._end_all(FinishReason.ERROR, f"{self.kind} engine step failed: {exc!r}")
+
+    def _end_all(self, reason: FinishReason, error: str | None = None) -> None:
+        if self._sched is None:
+            return
+        for seq in self._sched.finish_all(reason, error):
+            if isinstance(seq, WaitingSeq):
+                seq.wake()
+
+    async def _stop_loop(self) -> bool:
+        """Mark the engine STOPPED and cancel the step loop; False if it already was."""
+        if self._state is EngineState.STOPPED:
+            return False
+        self._state = EngineState.STOPPED
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise
+        self._end_all(FinishReason.ABORT)
+        return True
