@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 from typing import ClassVar
 
 from dynamo_gateway.engines.base import EngineBase, EngineContext, EngineState
-from dynamo_gateway.engines.scheduler import KvEventPublisher, Scheduler, Seq
+from dynamo_gateway.engines.scheduler import KvEventPublisher, Scheduler, Seq, StepPlan
 from dynamo_gateway.errors import EngineError
 from dynamo_gateway.protocol.engine import EngineOutput, EngineRequest, FinishReason, LoadMetrics
 
@@ -170,6 +170,26 @@ class ScheduledEngine(EngineBase):
 
     async def _run(self) -> None:
         raise NotImplementedError
+
+    async def _next_plan(self) -> StepPlan | None:
+        """Wait for work and schedule a step; None if the step loop should come back.
+
+        None after an idle wait (the engine may reset its clocks) or when the
+        pass only finished or preempted sequences (the next pass admits).
+        """
+        sched = self.scheduler
+        if not sched.has_work:
+            self._wake.clear()
+            await self._wake.wait()
+            return None
+        plan = sched.schedule()
+        for seq in plan.finished:
+            if isinstance(seq, WaitingSeq):
+                seq.wake()
+        if not plan.seqs:
+            await asyncio.sleep(0)
+            return None
+        return plan
 
     def _fail(self, exc: BaseException) -> None:
         """A step raised: every request ends with ERROR and the engine is FAILED."""

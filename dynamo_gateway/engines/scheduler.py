@@ -394,15 +394,9 @@ class Scheduler:
             if budget <= 0:
                 break
             if seq.prefilling:
-                left = len(seq.tokens) - seq.num_computed
-                chunk = left if left <= budget else budget
-                seq.chunk = chunk
-                seq.samples = chunk == left
+                chunk = _take_chunk(seq, budget, batch, sampling)
                 budget -= chunk
                 prefill_tokens += chunk
-                batch.append(seq)
-                if chunk == left:
-                    sampling.append(seq)
 
         waiting = self._waiting
         while not preempted and waiting and budget > 0 and len(running) < self._max_num_seqs:
@@ -421,15 +415,9 @@ class Scheduler:
             seq.num_computed = cached
             if not seq.first_sent:
                 seq.cached_tokens = cached
-            left = len(seq.tokens) - cached
-            chunk = left if left <= budget else budget
-            seq.chunk = chunk
-            seq.samples = chunk == left
+            chunk = _take_chunk(seq, budget, batch, sampling)
             budget -= chunk
             prefill_tokens += chunk
-            batch.append(seq)
-            if chunk == left:
-                sampling.append(seq)
         plan.prefill_tokens = prefill_tokens
         plan.decode_blocks = decode_blocks
         plan.num_preempted = self._num_preemptions - preempted_before
@@ -539,3 +527,18 @@ class KvEventPublisher:
                 sink(KvEvent(worker_id=self._worker_id, event_id=self._event_id, data=data))
             except Exception:
                 log.exception("worker %s: publishing a KV event failed", self._worker_id)
+
+
+def _take_chunk(seq: Seq, budget: int, batch: list[Seq], sampling: list[Seq]) -> int:
+    """Give a prefilling sequence the next chunk of its prompt (at most `budget` tokens).
+
+    It samples this step only if the chunk finishes its known tokens.
+    """
+    left = len(seq.tokens) - seq.num_computed
+    chunk = left if left <= budget else budget
+    seq.chunk = chunk
+    seq.samples = chunk == left
+    batch.append(seq)
+    if seq.samples:
+        sampling.append(seq)
+    return chunk

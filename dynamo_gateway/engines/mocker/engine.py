@@ -144,17 +144,9 @@ class MockerEngine(ScheduledEngine):
         yielded_at = self._clock
         try:
             while True:
-                if not sched.has_work:
-                    self._wake.clear()
-                    await self._wake.wait()
+                plan = await self._next_plan()
+                if plan is None:
                     self._clock = loop.time()  # idle time is not owed to anyone
-                    continue
-                plan = sched.schedule()
-                for req in cast("list[_Request]", plan.finished):
-                    req.wake()
-                if not plan.seqs:
-                    # Scheduling only finished or preempted requests: the next pass admits.
-                    await asyncio.sleep(0)
                     continue
                 now = loop.time()
                 duration = self._timing.step_seconds(plan.prefill_tokens, plan.decode_blocks)

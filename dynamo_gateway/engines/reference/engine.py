@@ -241,16 +241,8 @@ class ReferenceEngine(ScheduledEngine):
         assert sched is not None and executor is not None
         try:
             while True:
-                if not sched.has_work:
-                    self._wake.clear()
-                    await self._wake.wait()
-                    continue
-                plan = sched.schedule()
-                for req in cast("list[_Request]", plan.finished):
-                    req.wake()
-                if not plan.seqs:
-                    # Only finished or preempted sequences: the next pass admits.
-                    await asyncio.sleep(0)
+                plan = await self._next_plan()
+                if plan is None:
                     continue
                 # Copied on the loop: the thread never reads state the loop may change.
                 inputs = self._step_inputs(plan)
