@@ -111,6 +111,15 @@ def error_body(
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
+# JSON has no -inf (msgspec would write null, which OpenAI clients reject as a
+# logprob): a token the sampler masked out is reported with this value instead.
+MIN_LOGPROB = -9999.0
+
+
+def _lp(value: float) -> float:
+    return value if value > MIN_LOGPROB else MIN_LOGPROB
+
+
 class LogprobFormatter:
     """Turns engine logprobs into the chat or the completions shape."""
 
@@ -125,10 +134,10 @@ class LogprobFormatter:
             out.append(
                 {
                     "token": self._text(lp.token_id),
-                    "logprob": lp.logprob,
+                    "logprob": _lp(lp.logprob),
                     "bytes": self._bytes(lp.token_id),
                     "top_logprobs": [
-                        {"token": self._text(t), "logprob": v, "bytes": self._bytes(t)}
+                        {"token": self._text(t), "logprob": _lp(v), "bytes": self._bytes(t)}
                         for t, v in lp.top
                     ],
                 }
@@ -141,8 +150,8 @@ class LogprobFormatter:
         for lp in items:
             tok = self._text(lp.token_id)
             tokens.append(tok)
-            token_logprobs.append(lp.logprob)
-            top.append({self._text(t): v for t, v in lp.top})
+            token_logprobs.append(_lp(lp.logprob))
+            top.append({self._text(t): _lp(v) for t, v in lp.top})
             offsets.append(offset)
             offset += len(tok)
         return {

@@ -35,3 +35,16 @@ def test_usage_chunk_has_empty_choices() -> None:
         "prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7,
         "prompt_tokens_details": {"cached_tokens": 2},
     }  # fmt: skip
+
+
+def test_masked_logprobs_stay_finite_numbers() -> None:
+    from dynamo_gateway.frontend.encoding import MIN_LOGPROB, LogprobFormatter
+    from dynamo_gateway.protocol.engine import TokenLogprob
+
+    items = [TokenLogprob(5, -0.5, [(5, -0.5), (7, float("-inf"))])]
+    for chat in (True, False):
+        fmt = LogprobFormatter(lambda t: f"t{t}", lambda t: [t], chat=chat)
+        encoded = json.loads(json.dumps(fmt.format(items)))
+        text = json.dumps(encoded)
+        assert "Infinity" not in text and "null" not in text
+        assert str(MIN_LOGPROB) in text
