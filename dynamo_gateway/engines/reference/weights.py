@@ -10,6 +10,7 @@ naming them all, before any tensor is read. Names the model does not use (an old
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -17,6 +18,8 @@ from safetensors import safe_open
 
 from dynamo_gateway.engines.reference.config import ModelConfig
 from dynamo_gateway.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 __all__ = ["expected_shapes", "find_shards", "load_weights"]
 
@@ -124,13 +127,28 @@ def load_weights(
     by_shard: dict[Path, list[str]] = {}
     for name, shard in located.items():
         by_shard.setdefault(shard, []).append(name)
-    for shard, names in by_shard.items():
+    total = sum(_numel(expected[n]) for n in located)
+    loaded = 0
+    for i, (shard, names) in enumerate(by_shard.items(), 1):
+        # Loading a real checkpoint takes a while: say how far it got.
+        log.info(
+            "loading %s (shard %d/%d, %.0f%% of %s parameters)",
+            shard.name, i, len(by_shard), 100 * loaded / max(total, 1), f"{total:,}",
+        )  # fmt: skip
+        loaded += sum(_numel(expected[n]) for n in names)
         with safe_open(str(shard), framework="pt", device="cpu") as f:
             for name in names:
                 # Move first, then cast: on a GPU the cast runs there, not on the host.
                 tensor = f.get_tensor(name).to(device=device)
                 tensors[name] = tensor if dtype is None else tensor.to(dtype=dtype)
     return tensors
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
 
 
 def _names(items: list[str]) -> str:
