@@ -10,6 +10,7 @@ installed gets:
 - ``gateway_server``: a factory that starts a real ``dynamo-gateway serve``
   process on a free loopback port and stops it after the test.
 - ``free_port()``: a free TCP port on 127.0.0.1.
+- ``engine_request()``, ``collect()``, ``tokens_of()``: driving an `Engine` directly.
 """
 
 from __future__ import annotations
@@ -23,11 +24,15 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+from dynamo_gateway.engines.base import Engine
+from dynamo_gateway.protocol.engine import EngineOutput, EngineRequest, SamplingParams
 
 # marker -> importable module that provides it
 ENGINE_MARKERS = {
@@ -198,3 +203,32 @@ def gateway_server(tmp_path: Path, demo_model: Path) -> Iterator[Callable[..., G
     yield start
     for gw in started:
         gw.stop()
+
+
+# -- helpers for testing engines directly -------------------------------------------------
+
+
+def engine_request(
+    request_id: str,
+    prompt: list[int],
+    max_tokens: int = 16,
+    *,
+    resumed: Sequence[int] = (),
+    **sampling: Any,
+) -> EngineRequest:
+    """An `EngineRequest`; keyword arguments are `SamplingParams` fields."""
+    return EngineRequest(
+        request_id=request_id,
+        prompt_token_ids=prompt,
+        sampling=SamplingParams(max_tokens=max_tokens, **sampling),
+        resumed_token_ids=list(resumed),
+    )
+
+
+async def collect(engine: Engine, request: EngineRequest) -> list[EngineOutput]:
+    """Every output of one request, to the end."""
+    return [out async for out in engine.generate(request)]
+
+
+def tokens_of(outputs: Sequence[EngineOutput]) -> list[int]:
+    return [t for out in outputs for t in out.token_ids]

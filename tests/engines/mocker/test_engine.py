@@ -22,13 +22,12 @@ from dynamo_gateway.kv.hashing import sequence_hashes
 from dynamo_gateway.models.card import ModelCard
 from dynamo_gateway.protocol.engine import (
     EngineOutput,
-    EngineRequest,
     FinishReason,
     LoadMetrics,
-    SamplingParams,
 )
 from dynamo_gateway.protocol.kv_events import AllBlocksCleared, BlockStored, KvEvent
 from dynamo_gateway.settings import CacheSettings, MockerSettings, SchedulerSettings, Settings
+from dynamo_gateway.testing import collect, engine_request, tokens_of
 
 EOS = 1
 
@@ -99,24 +98,7 @@ def make_engine(
     return MockerEngine(ctx)
 
 
-def make_request(
-    rid: str, prompt: list[int], max_tokens: int = 16, **sampling: Any
-) -> EngineRequest:
-    resumed = sampling.pop("resumed", [])
-    return EngineRequest(
-        request_id=rid,
-        prompt_token_ids=prompt,
-        sampling=SamplingParams(max_tokens=max_tokens, **sampling),
-        resumed_token_ids=resumed,
-    )
-
-
-async def collect(engine: MockerEngine, request: EngineRequest) -> list[EngineOutput]:
-    return [out async for out in engine.generate(request)]
-
-
-def tokens_of(outputs: list[EngineOutput]) -> list[int]:
-    return [t for out in outputs for t in out.token_ids]
+make_request = engine_request
 
 
 def prompt(seed: int, n: int) -> list[int]:

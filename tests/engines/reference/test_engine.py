@@ -27,10 +27,10 @@ from dynamo_gateway.protocol.engine import (
     EngineRequest,
     FinishReason,
     LoadMetrics,
-    SamplingParams,
 )
 from dynamo_gateway.protocol.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KvEvent
 from dynamo_gateway.settings import load_settings
+from dynamo_gateway.testing import collect, engine_request, tokens_of
 
 VOCAB = 2048  # the demo model's
 N = 24  # tokens per greedy comparison
@@ -102,28 +102,15 @@ async def running(
 def make_request(
     rid: str, prompt: list[int], max_tokens: int = N, **sampling: Any
 ) -> EngineRequest:
-    resumed = sampling.pop("resumed", [])
+    """Greedy and EOS-blind unless told otherwise (the transformers comparisons need it)."""
     sampling.setdefault("temperature", 0.0)
     sampling.setdefault("ignore_eos", True)
-    return EngineRequest(
-        request_id=rid,
-        prompt_token_ids=prompt,
-        sampling=SamplingParams(max_tokens=max_tokens, **sampling),
-        resumed_token_ids=resumed,
-    )
+    return engine_request(rid, prompt, max_tokens, **sampling)
 
 
 def stream(engine: Engine, req: EngineRequest) -> AsyncGenerator[EngineOutput, None]:
     """`generate()` as the async generator it is (it has `aclose()`)."""
     return cast("AsyncGenerator[EngineOutput, None]", engine.generate(req))
-
-
-async def collect(engine: Engine, req: EngineRequest) -> list[EngineOutput]:
-    return [out async for out in engine.generate(req)]
-
-
-def tokens_of(outs: list[EngineOutput]) -> list[int]:
-    return [t for out in outs for t in out.token_ids]
 
 
 def prompt(seed: int, n: int) -> list[int]:
