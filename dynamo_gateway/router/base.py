@@ -98,6 +98,11 @@ RouterFactory = Callable[[RouterContext], Router]
 class RouterBase:
     """No-op lifecycle callbacks, so simple policies only write `select()`."""
 
+    # Whether `select()` reads `WorkerView.load`. The pool refreshes every worker's
+    # load before each decision only for routers that do (a router without this
+    # attribute is assumed to).
+    uses_load: bool = True
+
     def on_routed(self, request: RouteRequest, worker: WorkerView) -> None:
         pass
 

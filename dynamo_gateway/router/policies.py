@@ -16,6 +16,8 @@ def _check(workers: Sequence[WorkerView]) -> None:
 class RoundRobinRouter(RouterBase):
     """Cycle through the workers in the order the pool lists them."""
 
+    uses_load = False
+
     def __init__(self) -> None:
         self._next = 0
 
@@ -28,6 +30,8 @@ class RoundRobinRouter(RouterBase):
 
 class RandomRouter(RouterBase):
     """Pick uniformly at random; `seed` makes the sequence reproducible."""
+
+    uses_load = False
 
     def __init__(self, seed: int | None = None) -> None:
         self._rng = random.Random(seed)

@@ -73,3 +73,39 @@ def test_least_loaded_breaks_ties_on_kv_usage_then_rotates() -> None:
 def test_empty_pool_raises(router: RoundRobinRouter) -> None:
     with pytest.raises(NoWorkerError):
         router.select(REQ, [])
+
+
+class _CountingWorker:
+    """A pool worker that counts load refreshes (routing never sends it anything)."""
+
+    def __init__(self, worker_id: str) -> None:
+        from dynamo_gateway.runtime.discovery import WorkerRecord
+
+        self.record = WorkerRecord(worker_id=worker_id, model="m", model_path="/", address="x")
+        self.view = WorkerView(worker_id)
+        self.refreshes = 0
+
+    def refresh_load(self) -> None:
+        self.refreshes += 1
+
+
+@pytest.mark.parametrize(
+    ("router", "refreshed"),
+    [(RoundRobinRouter(), False), (RandomRouter(), False), (LeastLoadedRouter(), True)],
+)
+def test_pool_refreshes_load_only_for_load_aware_policies(
+    router: RoundRobinRouter, refreshed: bool
+) -> None:
+    from pathlib import Path
+
+    from dynamo_gateway.models.card import ModelCard
+    from dynamo_gateway.runtime.pool import ModelPool
+
+    card = ModelCard(Path("/"), "m", max_model_len=8, vocab_size=8, eos_token_ids=())
+    pool = ModelPool(card, tokenizer=None, chat_template=None, router=router)  # type: ignore[arg-type]
+    workers = [_CountingWorker(f"w{i}") for i in range(3)]
+    for w in workers:
+        pool.add(w)  # type: ignore[arg-type]
+    for _ in range(4):
+        pool.select(REQ)
+    assert all((w.refreshes == 4) is refreshed for w in workers)
