@@ -97,6 +97,45 @@ class ReferenceSettings(BaseModel):
     num_threads: int | None = Field(None, ge=1, description="torch intra-op threads on CPU")
 
 
+class RuntimeSettings(BaseModel):
+    """`[runtime]`: how frontends and workers find and reach each other."""
+
+    discovery: str = Field(
+        "memory://", description="memory://, file:///dir, etcd://host:port[/namespace]"
+    )
+    events: str = Field("memory://", description="memory://, zmq:///dir, nats://host:port")
+    lease_ttl_s: float = Field(
+        3.0, ge=1.0, le=600.0, description="a dead or frozen worker is dropped after this"
+    )
+    migration_limit: int = Field(
+        3, ge=0, description="times a request may move to another worker when its worker fails"
+    )
+    request_timeout_s: float | None = Field(
+        None, gt=0, description="per-request deadline on the request plane (None: no limit)"
+    )
+    drain_timeout_s: float = Field(
+        30.0, ge=0, description="a stopping worker waits this long for in-flight requests"
+    )
+    connections_per_worker: int = Field(
+        2, ge=1, le=64, description="request-plane TCP connections a frontend keeps per worker"
+    )
+
+
+class WorkerSettings(BaseModel):
+    """`[worker]`: one `dynamo-gateway worker` process."""
+
+    host: str = Field("127.0.0.1", description="request-plane listen address")
+    port: int = Field(0, ge=0, le=65535, description="request-plane port (0: any free port)")
+    advertise_host: str | None = Field(
+        None, description="address other hosts reach this worker at (default: host)"
+    )
+    status_port: int | None = Field(
+        0, ge=0, le=65535, description="HTTP /health and /metrics port (0: any; None: off)"
+    )
+    role: Literal["aggregated", "prefill", "decode"] = "aggregated"
+    worker_id: str | None = Field(None, description="default: model-engine-<random>")
+
+
 class ServedModel(BaseModel):
     """One model to serve: a local directory and the name clients ask for."""
 
@@ -133,6 +172,8 @@ class Settings(BaseSettings):
     scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
     mocker: MockerSettings = Field(default_factory=MockerSettings)
     reference: ReferenceSettings = Field(default_factory=ReferenceSettings)
+    runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)
     plugin_config: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
     @field_validator("plugins", mode="before")

@@ -3,6 +3,15 @@
 A worker registers a `WorkerRecord` under a lease; the backend drops it when the
 worker deregisters or its lease runs out. Frontends `watch()` the records and
 build their worker pools from them, so workers can come and go at run time.
+
+Backends are chosen by URL scheme (`--discovery memory://`, `file:///dir`,
+`etcd://host:port[/namespace]`) through the registry. Every backend must:
+
+* keep a registered record alive on its own (lease keep-alive, heartbeats) until
+  `deregister()` or `aclose()`, and re-announce it after the backend restarts;
+* drop a worker whose process died or froze within about `lease_ttl_s`;
+* make `watch()` survive backend restarts: after reconnecting it reconciles with
+  the current records, yielding PUT for new/changed ones and DELETE for gone ones.
 """
 
 from __future__ import annotations
@@ -28,11 +37,25 @@ class WorkerRecord(msgspec.Struct, frozen=True, kw_only=True):
     block_size: int = 16
     kv_blocks_total: int = 0
     max_model_len: int = 0
+    # The worker's own HTTP status endpoint (/health, /metrics): "http://host:port", or "".
+    status_address: str = ""
+    # True while the worker drains: finish in-flight requests, route no new ones to it.
+    draining: bool = False
 
 
 class ChangeKind(enum.Enum):
     PUT = "put"  # a worker appeared (or updated its record)
     DELETE = "delete"  # a worker left or its lease expired
+
+
+def encode_record(record: WorkerRecord) -> bytes:
+    """A record as JSON bytes (what the file and etcd backends store)."""
+    return msgspec.json.encode(record)
+
+
+def decode_record(data: bytes) -> WorkerRecord:
+    """Inverse of `encode_record`; raises `msgspec.DecodeError` on a bad value."""
+    return msgspec.json.decode(data, type=WorkerRecord)
 
 
 class DiscoveryEvent(msgspec.Struct, frozen=True):
@@ -42,8 +65,12 @@ class DiscoveryEvent(msgspec.Struct, frozen=True):
 
 @runtime_checkable
 class Discovery(Protocol):
+    async def start(self) -> None:
+        """Connect to the backend; called once before any other method."""
+
     async def register(self, record: WorkerRecord) -> None:
-        """Announce a worker; it stays until `deregister()` or its lease lapses."""
+        """Announce a worker (or replace its record); it stays until `deregister()` or
+        its lease lapses."""
 
     async def deregister(self, worker_id: str) -> None:
         """Withdraw a worker; unknown ids are ignored."""
@@ -68,6 +95,9 @@ class MemoryDiscovery:
         self._records: dict[str, WorkerRecord] = {}
         self._watchers: list[asyncio.Queue[DiscoveryEvent | None]] = []
         self._closed = False
+
+    async def start(self) -> None:
+        pass
 
     async def register(self, record: WorkerRecord) -> None:
         self._records[record.worker_id] = record

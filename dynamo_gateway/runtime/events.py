@@ -4,6 +4,12 @@ Publishing is synchronous and never blocks the publisher (an engine calls it
 from its step loop); subscribers get their own bounded queue. A subscriber that
 falls too far behind loses the oldest messages - the per-worker event ids let
 it notice the gap and re-sync.
+
+Backends are chosen by URL scheme (`--events memory://`, `zmq:///dir`,
+`nats://host:port`). Messages are `msgspec.Struct`s; remote backends encode
+them with msgpack and the subscriber names the type to decode. A remote
+backend reconnects by itself after its server restarts (messages published
+meanwhile may be lost: consumers re-sync from event ids).
 """
 
 from __future__ import annotations
@@ -11,22 +17,48 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from typing import Protocol, runtime_checkable
+from typing import Protocol, TypeVar, runtime_checkable
+
+import msgspec
+
+from dynamo_gateway.protocol.engine import LoadMetrics
+
+T = TypeVar("T", bound=msgspec.Struct)
 
 log = logging.getLogger(__name__)
 
 
 def kv_events_topic(model: str) -> str:
+    """Topic of the `KvEvent`s of one model's workers."""
     return f"kv_events.{model}"
+
+
+def load_topic(model: str) -> str:
+    """Topic of the `LoadReport`s of one model's workers."""
+    return f"load.{model}"
+
+
+class LoadReport(msgspec.Struct, frozen=True, kw_only=True):
+    """A worker's load, published periodically and when it changes."""
+
+    worker_id: str
+    metrics: LoadMetrics
 
 
 @runtime_checkable
 class EventPlane(Protocol):
-    def publish(self, topic: str, message: object) -> None:
-        """Send `message` (a msgspec struct) to every subscriber of `topic`; never blocks."""
+    async def start(self) -> None:
+        """Connect to the backend; called once before publishing or subscribing."""
 
-    def subscribe(self, topic: str) -> AsyncIterator[object]:
-        """Messages published to `topic` from now on, until `aclose()`."""
+    def publish(self, topic: str, message: msgspec.Struct) -> None:
+        """Send `message` to every subscriber of `topic` in any process; never blocks."""
+
+    def subscribe(self, topic: str, type: type[T]) -> AsyncIterator[T]:
+        """Messages of `type` published to `topic` from now on, until `aclose()`.
+
+        The subscription is active once the first `__anext__` has started.
+        Messages that do not decode as `type` are logged and skipped.
+        """
         ...
 
     async def aclose(self) -> None:
@@ -42,14 +74,17 @@ class MemoryEventPlane:
         self._closed = False
         self.dropped = 0
 
-    def publish(self, topic: str, message: object) -> None:
+    async def start(self) -> None:
+        pass
+
+    def publish(self, topic: str, message: msgspec.Struct) -> None:
         for queue in self._subs.get(topic, ()):
             if queue.full():
                 queue.get_nowait()
                 self.dropped += 1
             queue.put_nowait(message)
 
-    async def subscribe(self, topic: str) -> AsyncIterator[object]:
+    async def subscribe(self, topic: str, type: type[T]) -> AsyncIterator[T]:
         queue: asyncio.Queue[object] = asyncio.Queue(self._max_queue)
         subs = self._subs.setdefault(topic, [])
         subs.append(queue)
@@ -58,7 +93,8 @@ class MemoryEventPlane:
                 message = await queue.get()
                 if message is _CLOSE:
                     break
-                yield message
+                if isinstance(message, type):
+                    yield message
         finally:
             subs.remove(queue)
 

@@ -279,9 +279,8 @@ class ModelManager:
 
     async def _feed_kv_events(self, pool: ModelPool) -> None:
         assert self.events is not None
-        async for message in self.events.subscribe(kv_events_topic(pool.name)):
-            if isinstance(message, KvEvent):
-                pool.router.on_kv_event(message)
+        async for message in self.events.subscribe(kv_events_topic(pool.name), KvEvent):
+            pool.router.on_kv_event(message)
 
     async def aclose(self) -> None:
         for pool in list(self.pools.values()):
