@@ -50,6 +50,50 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--router", help="routing policy (default round_robin)")
     serve.set_defaults(func=_cmd_serve)
 
+    worker = sub.add_parser(
+        "worker", help="one engine worker process, registered in discovery (distributed mode)"
+    )
+    _add_common(worker)
+    _add_engine_args(worker)
+    _add_runtime_args(worker)
+    worker.add_argument(
+        "--role", choices=["aggregated", "prefill", "decode"], help="default aggregated"
+    )
+    worker.add_argument(
+        "--host", dest="worker_host", help="request-plane listen address (default 127.0.0.1)"
+    )
+    worker.add_argument(
+        "--port", dest="worker_port", type=int, help="request-plane port (default 0: any free)"
+    )
+    worker.add_argument("--advertise-host", help="address other hosts use (default: --host)")
+    worker.add_argument(
+        "--status-port", type=int, help="HTTP /health and /metrics port (default 0: any free)"
+    )
+    worker.add_argument("--worker-id", help="unique id (default: model-engine-<random>)")
+    worker.add_argument("--lease-ttl", type=float, help="seconds before a dead worker is dropped")
+    worker.add_argument(
+        "--drain-timeout", type=float, help="seconds in-flight requests get on SIGTERM"
+    )
+    worker.set_defaults(func=_cmd_worker)
+
+    frontend = sub.add_parser(
+        "frontend", help="OpenAI-compatible frontend over discovered workers (distributed mode)"
+    )
+    _add_common(frontend)
+    _add_frontend_args(frontend)
+    _add_runtime_args(frontend)
+    frontend.add_argument("--router", help="routing policy (default round_robin)")
+    frontend.add_argument(
+        "--migration-limit",
+        type=int,
+        help="times a request may move to another worker when its worker fails (default 3)",
+    )
+    frontend.add_argument(
+        "--request-timeout", type=float, help="per-request deadline in seconds (default none)"
+    )
+    frontend.add_argument("--max-model-len", type=int, help="context window (default: workers')")
+    frontend.set_defaults(func=_cmd_frontend)
+
     plugins = sub.add_parser("plugins", help="list loaded plugins and what they provide")
     plugins.add_argument("--json", action="store_true", help="machine-readable output")
     plugins.set_defaults(func=_cmd_plugins)
@@ -110,6 +154,13 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, help="token budget per engine step")
 
 
+def _add_runtime_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--discovery", help="memory://, file:///dir or etcd://host:port (default memory://)"
+    )
+    p.add_argument("--events", help="memory://, zmq:///dir or nats://host:port (default memory://)")
+
+
 # CLI flag (argparse dest) -> settings path
 _SETTINGS_MAP: dict[str, tuple[str, ...]] = {
     "log_level": ("log_level",),
@@ -130,6 +181,18 @@ _SETTINGS_MAP: dict[str, tuple[str, ...]] = {
     "num_kv_blocks": ("cache", "num_kv_blocks"),
     "max_num_seqs": ("scheduler", "max_num_seqs"),
     "max_num_batched_tokens": ("scheduler", "max_num_batched_tokens"),
+    "discovery": ("runtime", "discovery"),
+    "events": ("runtime", "events"),
+    "lease_ttl": ("runtime", "lease_ttl_s"),
+    "drain_timeout": ("runtime", "drain_timeout_s"),
+    "migration_limit": ("runtime", "migration_limit"),
+    "request_timeout": ("runtime", "request_timeout_s"),
+    "role": ("worker", "role"),
+    "worker_host": ("worker", "host"),
+    "worker_port": ("worker", "port"),
+    "advertise_host": ("worker", "advertise_host"),
+    "status_port": ("worker", "status_port"),
+    "worker_id": ("worker", "worker_id"),
 }
 
 
@@ -179,6 +242,50 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         )
 
     run_async(serve(settings, ready=ready))
+    return 0
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    from dynamo_gateway.runtime.worker import Worker, run_worker
+    from dynamo_gateway.server import plugins_for, run_async
+
+    settings = settings_from_args(args)
+    _setup_logging(settings.log_level)
+
+    def ready(worker: Worker) -> None:
+        record = worker.record
+        assert record is not None
+        print(
+            f"dynamo-gateway worker {record.worker_id} serving {record.model} "
+            f"({settings.engine}, {record.role.value}) on {record.address}"
+            + (f", status {record.status_address}" if record.status_address else ""),
+            flush=True,
+        )
+
+    run_async(run_worker(settings, plugins_for(settings), ready=ready))
+    return 0
+
+
+def _cmd_frontend(args: argparse.Namespace) -> int:
+    from dynamo_gateway.server import run_async, serve_frontend
+
+    settings = settings_from_args(args)
+    _setup_logging(settings.log_level)
+    if settings.runtime.discovery.startswith("memory:"):
+        raise ConfigError(
+            "the frontend finds workers through --discovery file:///dir or etcd://host:port "
+            "(memory:// only works inside `serve`)"
+        )
+
+    def ready(url: str) -> None:
+        rt = settings.runtime
+        print(
+            f"dynamo-gateway frontend on {url} (discovery={rt.discovery}, events={rt.events}, "
+            f"router={settings.router}, migration-limit={rt.migration_limit})",
+            flush=True,
+        )
+
+    run_async(serve_frontend(settings, ready=ready))
     return 0
 
 

@@ -8,6 +8,7 @@ OpenAI-shaped body (`{"error": {"message", "type", "param", "code"}}`)::
     │   ├── PluginNotFoundError     no plugin registered that name
     │   └── DuplicatePluginError    two plugins registered the same name
     ├── EngineError                 an engine failed a request (500)
+    │   └── WorkerLostError         its worker went away mid-request (resumable elsewhere)
     └── ClientError                 the request is at fault or cannot be served now
         ├── InvalidRequestError     400  malformed JSON, wrong types, out-of-range values
         │   └── ContextLengthError  400  prompt (+ max_tokens) exceeds the context window
@@ -45,6 +46,14 @@ class EngineError(GatewayError):
     status = 500
     type = "server_error"
     code = "engine_error"
+
+
+class WorkerLostError(EngineError):
+    """The worker serving a request died, drained or became unreachable before the
+    request finished. The request never completed there, so the frontend may resume
+    it on another worker (request migration)."""
+
+    code = "worker_lost"
 
 
 class ClientError(GatewayError):

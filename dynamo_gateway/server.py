@@ -1,5 +1,6 @@
-"""Running the gateway: the embedded `serve` (frontend, router and workers in one
-process) on hypercorn or uvicorn, with a graceful shutdown on SIGINT/SIGTERM."""
+"""Running the gateway on hypercorn or uvicorn, with a graceful shutdown on
+SIGINT/SIGTERM: the embedded `serve` (frontend, router and workers in one
+process) or a distributed `frontend` over workers found through discovery."""
 
 from __future__ import annotations
 
@@ -17,10 +18,12 @@ from dynamo_gateway.errors import ConfigError
 from dynamo_gateway.frontend.app import Gateway, build_app
 from dynamo_gateway.models.card import ModelCard
 from dynamo_gateway.plugins import Plugins, load_plugins
+from dynamo_gateway.runtime.connect import connect_discovery, connect_events
 from dynamo_gateway.runtime.discovery import MemoryDiscovery
 from dynamo_gateway.runtime.events import MemoryEventPlane
 from dynamo_gateway.runtime.local import LocalWorkers, start_local_workers
 from dynamo_gateway.runtime.pool import InprocResolver, ModelManager
+from dynamo_gateway.runtime.remote import RemoteResolver
 from dynamo_gateway.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -85,6 +88,40 @@ async def embedded(settings: Settings, plugins: Plugins | None = None) -> AsyncI
         with contextlib.suppress(asyncio.CancelledError):
             await follow
         await manager.aclose()
+        await events.aclose()
+
+
+async def serve_frontend(settings: Settings, *, ready: Callable[[str], None] | None = None) -> None:
+    """Run a frontend over the workers that discovery finds, until SIGINT/SIGTERM."""
+    async with distributed(settings) as gateway:
+        await run_http(build_app(gateway), settings, ready=ready)
+
+
+@contextlib.asynccontextmanager
+async def distributed(settings: Settings, plugins: Plugins | None = None) -> AsyncIterator[Gateway]:
+    """Frontend state over remote workers: follows `runtime.discovery` and listens
+    to `runtime.events`; workers come and go while it runs."""
+    plugins = plugins or plugins_for(settings)
+    rt = settings.runtime
+    discovery = await connect_discovery(plugins.registry, rt.discovery, settings)
+    try:
+        events = await connect_events(plugins.registry, rt.events, settings)
+    except BaseException:
+        await discovery.aclose()
+        raise
+    resolver = RemoteResolver(
+        connections=rt.connections_per_worker, request_timeout_s=rt.request_timeout_s
+    )
+    manager = ModelManager(settings, plugins.registry, resolver, events)
+    follow = asyncio.get_running_loop().create_task(manager.follow(discovery))
+    try:
+        yield Gateway(settings, manager)
+    finally:
+        follow.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await follow
+        await manager.aclose()
+        await discovery.aclose()
         await events.aclose()
 
 

@@ -9,6 +9,10 @@ installed gets:
 - ``demo_model`` (session): a built demo model directory.
 - ``gateway_server``: a factory that starts a real ``dynamo-gateway serve``
   process on a free loopback port and stops it after the test.
+- ``etcd_server``: a real etcd on free loopback ports (an `EtcdServer`; skips without
+  the binary unless ``DYNAMO_GATEWAY_REQUIRE_SERVERS=1``).
+- ``nats_server``: a real nats-server on a free loopback port (a `NatsServer`; skips
+  without the binary unless ``DYNAMO_GATEWAY_REQUIRE_SERVERS=1``).
 - ``free_port()``: a free TCP port on 127.0.0.1.
 - ``engine_request()``, ``collect()``, ``tokens_of()``: driving an `Engine` directly.
 """
@@ -33,6 +37,8 @@ import pytest
 
 from dynamo_gateway.engines.base import Engine
 from dynamo_gateway.protocol.engine import EngineOutput, EngineRequest, SamplingParams
+from dynamo_gateway.servers.etcd import EtcdServer, find_etcd
+from dynamo_gateway.servers.nats import NatsServer, find_nats_server
 
 # marker -> importable module that provides it
 ENGINE_MARKERS = {
@@ -232,3 +238,30 @@ async def collect(engine: Engine, request: EngineRequest) -> list[EngineOutput]:
 
 def tokens_of(outputs: Sequence[EngineOutput]) -> list[int]:
     return [t for out in outputs for t in out.token_ids]
+
+
+# "1": tests that need etcd / nats-server fail instead of skipping without them (CI).
+REQUIRE_SERVERS_ENV = "DYNAMO_GATEWAY_REQUIRE_SERVERS"
+
+
+def _need_binary(found: str | None, reason: str) -> None:
+    if found is None:
+        if os.environ.get(REQUIRE_SERVERS_ENV) == "1":
+            pytest.fail(f"{REQUIRE_SERVERS_ENV}=1: {reason}", pytrace=False)
+        pytest.skip(reason)
+
+
+@pytest.fixture
+def etcd_server(tmp_path: Path) -> Iterator[EtcdServer]:
+    """A started `EtcdServer` in ``tmp_path``, stopped after the test."""
+    _need_binary(find_etcd(), "needs the etcd binary (apt install etcd-server)")
+    with EtcdServer(tmp_path / "etcd") as server:
+        yield server
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
+    """A started `NatsServer` in ``tmp_path``, stopped after the test."""
+    _need_binary(find_nats_server(), "needs the nats-server binary (apt install nats-server)")
+    with NatsServer(tmp_path / "nats") as server:
+        yield server

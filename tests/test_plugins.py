@@ -24,8 +24,8 @@ def test_builtins_register_mocker_routers_and_memory_backends() -> None:
     reg = plugins.registry
     assert reg.engines.names() == ["mocker", "reference"]
     assert reg.routers.names() == ["least_loaded", "random", "round_robin"]
-    assert reg.discovery.names() == ["memory"]
-    assert reg.event_planes.names() == ["memory"]
+    assert reg.discovery.names() == ["etcd", "file", "memory"]
+    assert reg.event_planes.names() == ["memory", "nats", "zmq"]
     assert reg.engines.registration("mocker").plugin == "builtin.engines"
     assert all(info.builtin for info in plugins.loaded)
 

@@ -12,6 +12,17 @@ request plane::
 `generate()` must stop (with `FinishReason.ABORT`) soon after `abort()`, and
 must abort the request itself when the consumer stops iterating early
 (`aclose()` of the generator), so that a client that went away frees its slot.
+
+Optional: an engine that publishes KV events MAY also implement
+``kv_snapshot() -> KvSnapshot`` (`dynamo_gateway.protocol.kv_events`): a
+synchronous, cheap dump of every block in its prefix cache, consistent with its
+event stream (``snapshot.event_id`` is the id of the last event it published,
+and the blocks reflect exactly the events up to it). Consumers that lost events
+ask for it to rebuild their view (`dynamo_gateway.runtime.kv_sync`). It is not
+part of the `Engine` protocol; callers look for it with
+``getattr(engine, "kv_snapshot", None)`` and treat its absence (or an
+`EngineError` from it) as "no dump available". The scheduler-driven engines
+(`ScheduledEngine`: mocker, reference) implement it.
 """
 
 from __future__ import annotations

@@ -7,6 +7,15 @@ sampler). Everything else lives here: submitting requests, the coalescing
 output stream each consumer reads, abort, health, load and stopping the step
 loop. Subclasses implement `start()`, `_run()` (the step loop, which must call
 `_fail()` if a step raises) and `_make_request()`.
+
+KV snapshots (`kv_snapshot()`): the block pool is only ever changed on the event
+loop (`schedule()`, `complete()`, `finish()`; the reference engine's worker
+thread computes on copied inputs and never touches it), so a snapshot taken on
+the loop sees a consistent pool. A step in flight may already have evicted
+blocks (in `schedule()`) whose `BlockRemoved` the step loop publishes only after
+the step; `kv_snapshot()` publishes such pending events first, so the snapshot's
+``event_id`` is exactly the last published id and the snapshot reflects every
+event up to it and none after.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ from dynamo_gateway.engines.base import EngineBase, EngineContext, EngineState
 from dynamo_gateway.engines.scheduler import KvEventPublisher, Scheduler, Seq, StepPlan
 from dynamo_gateway.errors import EngineError
 from dynamo_gateway.protocol.engine import EngineOutput, EngineRequest, FinishReason, LoadMetrics
+from dynamo_gateway.protocol.kv_events import KvSnapshot
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +148,40 @@ class ScheduledEngine(EngineBase):
             kv_blocks_used=blocks.num_used,
             kv_blocks_total=blocks.num_blocks,
         )
+
+    # -- KV snapshots (optional, see `dynamo_gateway.engines.base`) --------------------
+
+    @property
+    def last_kv_event_id(self) -> int:
+        """The id of the last KV event published (0: none yet)."""
+        return self._events.last_event_id
+
+    def kv_snapshot(self) -> KvSnapshot:
+        """Every block in the prefix cache now, as of the last published KV event.
+
+        Synchronous and O(cached blocks). Call it on the engine's event loop; it
+        may publish KV events that were pending (see the module docstring).
+        Raises `EngineError` before the engine started, when it publishes no KV
+        events (no sink: the pool records nothing to dump), or off the loop.
+        """
+        sched = self._sched
+        if sched is None:
+            raise EngineError(self._describe())
+        if not self._events.enabled:
+            raise EngineError(
+                f"{self.kind} engine {self._worker_id} publishes no KV events: nothing to snapshot"
+            )
+        loop = self._loop
+        if loop is not None and self._state is EngineState.RUNNING:
+            try:
+                running = asyncio.get_running_loop()
+            except RuntimeError:
+                running = None
+            if running is not loop:
+                raise EngineError(
+                    f"{self.kind} engine {self._worker_id}: call kv_snapshot() on its event loop"
+                )
+        return self._events.snapshot(sched.block_manager)
 
     # -- for subclasses ---------------------------------------------------------------
 

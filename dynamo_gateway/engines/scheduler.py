@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 
 from dynamo_gateway.kv.block_manager import BlockManager, KvSequence
 from dynamo_gateway.protocol.engine import EngineOutput, FinishReason, TokenLogprob
-from dynamo_gateway.protocol.kv_events import KvEvent, KvEventData
+from dynamo_gateway.protocol.kv_events import KvEvent, KvEventData, KvSnapshot
 
 __all__ = [
     "KvEventPublisher",
@@ -499,7 +499,7 @@ class KvEventPublisher:
     """Numbers one worker's KV events from 1 and hands them to its sink.
 
     A failing sink is logged and skipped: serving goes on, and consumers see the
-    gap in event ids and ask for a full dump.
+    gap in event ids and ask for a full dump (`snapshot()`).
     """
 
     __slots__ = ("_event_id", "_sink", "_worker_id")
@@ -527,6 +527,21 @@ class KvEventPublisher:
                 sink(KvEvent(worker_id=self._worker_id, event_id=self._event_id, data=data))
             except Exception:
                 log.exception("worker %s: publishing a KV event failed", self._worker_id)
+
+    def snapshot(self, block_manager: BlockManager) -> KvSnapshot:
+        """A dump of `block_manager`'s prefix cache, consistent with the published ids.
+
+        The pool may hold events not drained yet (a step in flight already evicted
+        blocks for its new ones): they are published first, so the snapshot
+        reflects exactly the events up to `last_event_id`. Call it on the thread
+        that changes the pool, between two of its calls (as every drain is).
+        """
+        self.publish(block_manager.drain_events())
+        return KvSnapshot(
+            worker_id=self._worker_id,
+            event_id=self._event_id,
+            blocks=block_manager.snapshot(),
+        )
 
 
 def _take_chunk(seq: Seq, budget: int, batch: list[Seq], sampling: list[Seq]) -> int:

@@ -28,6 +28,11 @@ Rules, which the tests pin down exactly:
 * **Events** are queued in order and handed out by `drain_events()`; removals
   that follow each other are merged into one `BlockRemoved`, and consecutive new
   blocks of one sequence in one `commit()` into one `BlockStored`.
+* **Snapshots.** With ``record_events`` the pool also remembers, per cached
+  hash, its parent hash and its tokens (dropped when the hash leaves the cache),
+  so that `snapshot()` can describe the whole prefix cache as `BlockStored`
+  events: replayed into an empty consumer they give exactly the cached hashes,
+  as if it had seen every event since the pool was created.
 """
 
 from __future__ import annotations
@@ -45,6 +50,9 @@ from dynamo_gateway.protocol.kv_events import (
 )
 
 __all__ = ["BlockManager", "KvSequence"]
+
+# Token ids are u32 (they are hashed as such), so 4 bytes each in a snapshot record.
+_TOKEN_TYPECODE = "I"
 
 
 class KvSequence:
@@ -85,6 +93,9 @@ class BlockManager:
         self._cached: dict[int, int] = {}  # sequence hash -> block id
         self._events: list[KvEventData] = []
         self._removed: list[int] = []  # hashes of a BlockRemoved still being merged
+        # For snapshot(), only with record_events: cached hash -> (parent hash, tokens).
+        # An `array` of u32 keeps a block's tokens compact and out of the GC's sight.
+        self._stored: dict[int, tuple[int | None, array[int]]] = {}
 
     # -- capacity -------------------------------------------------------------------------
 
@@ -223,6 +234,7 @@ class BlockManager:
             del self._cached[h]
             if self._record:
                 self._removed.append(h)
+                del self._stored[h]
         self._ref[bid] = 1
         return bid
 
@@ -238,6 +250,7 @@ class BlockManager:
         self._extend_hashes(seq, tokens, n_full)
         hashes = seq.hashes
         cached = self._cached
+        stored = self._stored if self._record else None
         run_start = -1  # first block of the BlockStored being built
         for i in range(start, n_full):
             h = hashes[i]
@@ -250,6 +263,11 @@ class BlockManager:
             bid = seq.block_ids[i]
             cached[h] = bid
             self._hash[bid] = h
+            if stored is not None:
+                stored[h] = (
+                    hashes[i - 1] if i else None,
+                    array(_TOKEN_TYPECODE, tokens[i * bs : (i + 1) * bs]),
+                )
             if run_start < 0:
                 run_start = i
         if run_start >= 0:
@@ -294,9 +312,74 @@ class BlockManager:
         self._lru.clear()
         self._hash.clear()
         self._cached.clear()
+        self._stored.clear()
         if self._record:
             self._removed.clear()  # subsumed by the clear
             self._events.append(AllBlocksCleared())
+
+    # -- snapshots ------------------------------------------------------------------------
+
+    def snapshot(self) -> list[BlockStored]:
+        """The whole prefix cache now, as `BlockStored` events (needs ``record_events``).
+
+        Replayed into an empty consumer they store exactly the cached hashes, each
+        with its parent hash and tokens. A block comes after its parent when the
+        parent is still cached (an evicted parent is named but not stored, as in
+        the live stream); a block's first cached child continues its event (a
+        chain becomes one event, as in `commit()`), the other children start
+        their own events, so a tree of prefixes gives one event per branch. Events
+        queued but not drained yet are already reflected (the pool's state is the
+        truth), so a caller that numbers events must drain before it snapshots.
+        Cost: O(cached blocks).
+        """
+        if not self._record:
+            raise RuntimeError("snapshot() needs a BlockManager with record_events=True")
+        stored = self._stored
+        children: dict[int, list[int]] = {}
+        roots: list[int] = []
+        for h, (parent, _) in stored.items():
+            if parent is not None and parent in stored:
+                children.setdefault(parent, []).append(h)
+            else:
+                roots.append(h)
+        bs = self._block_size
+        out: list[BlockStored] = []
+        emitted = 0
+        # Depth-first from the roots, without recursion: chains can be thousands long.
+        stack = roots[::-1]
+        while stack:
+            h = stack.pop()
+            parent = stored[h][0]
+            run: list[int] = []
+            tokens: list[int] = []
+            while True:
+                run.append(h)
+                tokens.extend(stored[h][1])
+                kids = children.get(h)
+                if not kids:
+                    break
+                # The first child continues the run, the others start their own.
+                stack.extend(reversed(kids[1:]))
+                h = kids[0]
+            out.append(
+                BlockStored(
+                    block_hashes=run, parent_block_hash=parent, token_ids=tokens, block_size=bs
+                )
+            )
+            emitted += len(run)
+        if emitted != len(stored):  # pragma: no cover - only a hash cycle (a collision)
+            seen = {h for ev in out for h in ev.block_hashes}
+            for h, (parent, toks) in stored.items():
+                if h not in seen:
+                    out.append(
+                        BlockStored(
+                            block_hashes=[h],
+                            parent_block_hash=parent,
+                            token_ids=list(toks),
+                            block_size=bs,
+                        )
+                    )
+        return out
 
     # -- events ---------------------------------------------------------------------------
 

@@ -3,7 +3,7 @@
 Hashes are our sequence hashes (see `dynamo_gateway.kv.hashing`): equal prefixes
 give equal hashes on every worker, so a router can index blocks across workers.
 Each worker numbers its events with a monotonically increasing `event_id`; a
-consumer that sees a gap asks for a full dump.
+consumer that sees a gap asks for a full dump (`KvSnapshot`).
 """
 
 from __future__ import annotations
@@ -41,3 +41,19 @@ class KvEvent(msgspec.Struct, frozen=True, kw_only=True):
     worker_id: str
     event_id: int
     data: KvEventData
+
+
+class KvSnapshot(msgspec.Struct, frozen=True, kw_only=True):
+    """A full dump of one worker's cached blocks, for a consumer that lost events.
+
+    It reflects every event up to and including `event_id` (the id of the last
+    event the worker published before taking it) and nothing later: a consumer
+    forgets its view of the worker, stores `blocks` and goes on with the events
+    whose ids follow `event_id`. Replaying `blocks` into an empty view gives
+    exactly the worker's cached hashes, a parent before its children where the
+    parent is still cached.
+    """
+
+    worker_id: str
+    event_id: int
+    blocks: list[BlockStored]

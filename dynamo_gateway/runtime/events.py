@@ -43,6 +43,8 @@ class LoadReport(msgspec.Struct, frozen=True, kw_only=True):
 
     worker_id: str
     metrics: LoadMetrics
+    # The id of the worker's last KV event: lets consumers notice lost trailing events.
+    kv_event_id: int | None = None
 
 
 @runtime_checkable

@@ -14,12 +14,20 @@ import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import TYPE_CHECKING, Protocol
 
+import msgspec
+
 from dynamo_gateway.engines.base import Engine
-from dynamo_gateway.errors import ConfigError, ModelNotFoundError, UnavailableError
+from dynamo_gateway.errors import (
+    ConfigError,
+    EngineError,
+    ModelNotFoundError,
+    UnavailableError,
+    WorkerLostError,
+)
 from dynamo_gateway.models.card import ModelCard
 from dynamo_gateway.preprocess import ChatTemplate, Tokenizer
 from dynamo_gateway.protocol.engine import EngineOutput, EngineRequest, LoadMetrics
-from dynamo_gateway.protocol.kv_events import KvEvent
+from dynamo_gateway.protocol.kv_events import KvEvent, KvSnapshot
 from dynamo_gateway.router.base import (
     NoWorkerError,
     Router,
@@ -28,7 +36,8 @@ from dynamo_gateway.router.base import (
     WorkerView,
 )
 from dynamo_gateway.runtime.discovery import ChangeKind, Discovery, DiscoveryEvent, WorkerRecord
-from dynamo_gateway.runtime.events import EventPlane, kv_events_topic
+from dynamo_gateway.runtime.events import EventPlane, LoadReport, kv_events_topic, load_topic
+from dynamo_gateway.runtime.kv_sync import KvEventSync, engine_kv_snapshot
 
 if TYPE_CHECKING:
     from dynamo_gateway.registry import Registry
@@ -78,6 +87,12 @@ class LocalWorker:
     async def check_health(self) -> None:
         await self.engine.check_health()
 
+    async def kv_snapshot(self) -> KvSnapshot:
+        snapshot = engine_kv_snapshot(self.engine)
+        if snapshot is None:
+            raise EngineError(f"engine of worker {self.record.worker_id} takes no KV snapshots")
+        return snapshot
+
 
 # Resolves a discovered record's address to a handle; raises ConfigError if it cannot.
 WorkerResolver = Callable[[WorkerRecord], WorkerHandle]
@@ -101,45 +116,124 @@ class InprocResolver:
 
 
 class Routed:
-    """A request in flight on one worker, with the bookkeeping to undo when it ends.
+    """A request in flight, with the bookkeeping to undo when it ends.
 
-    The caller iterates `outputs` (the engine's own stream: no wrapper on the
-    per-token path), calls `first_token()` once, and `close()` however it exits.
+    The caller iterates `outputs`, calls `first_token()` once, and `close()`
+    however it exits. Without migration `outputs` is the worker's own stream (no
+    wrapper on the per-token path). With it, `outputs` is this object: when the
+    worker is lost mid-stream (`WorkerLostError`) it resends the prompt plus the
+    tokens generated so far to another worker, up to `migrations_left` times, and
+    the caller sees one uninterrupted stream.
     """
 
-    __slots__ = ("_closed", "_router", "outputs", "request_id", "worker")
+    __slots__ = (
+        "_closed",
+        "_generated",
+        "_pool",
+        "_request",
+        "_route",
+        "_tried",
+        "migrations",
+        "migrations_left",
+        "outputs",
+        "request_id",
+        "stream",
+        "worker",
+    )
 
     def __init__(
         self,
-        router: Router,
+        pool: ModelPool,
+        route: RouteRequest,
+        request: EngineRequest,
         worker: WorkerHandle,
-        request_id: str,
-        outputs: AsyncIterator[EngineOutput],
+        migrations_left: int = 0,
     ) -> None:
-        self._router = router
+        self._pool = pool
+        self._route = route
+        self._request = request
         self.worker = worker
-        self.request_id = request_id
-        self.outputs = outputs
+        self.request_id = request.request_id
+        self.stream: AsyncIterator[EngineOutput] = worker.generate(request)
+        self.migrations_left = migrations_left
+        self.migrations = 0
+        self._generated: list[int] = []
+        self._tried: set[str] = {worker.record.worker_id}
         self._closed = False
+        self.outputs: AsyncIterator[EngineOutput] = self if migrations_left > 0 else self.stream
 
     def first_token(self) -> None:
-        self._router.on_first_token(self.request_id)
+        self._pool.router.on_first_token(self.request_id)
 
-    async def close(self) -> None:
+    def __aiter__(self) -> Routed:
+        return self
+
+    async def __anext__(self) -> EngineOutput:
+        while True:
+            try:
+                out = await self.stream.__anext__()
+            except WorkerLostError as exc:
+                if self.migrations_left <= 0:
+                    raise
+                await self._migrate(exc)
+                continue
+            if out.token_ids:
+                self._generated.extend(out.token_ids)
+            if self.migrations and out.cached_tokens is not None:
+                out.cached_tokens = None  # the client's first chunk already reported them
+            return out
+
+    async def _migrate(self, exc: WorkerLostError) -> None:
+        pool = self._pool
+        lost = self.worker
+        await self._release()
+        try:
+            worker = pool.select(self._route, exclude=self._tried)
+        except UnavailableError:
+            raise exc from None
+        self.migrations_left -= 1
+        self.migrations += 1
+        pool.migrations += 1
+        request = self._request
+        resumed = [*request.resumed_token_ids, *self._generated]
+        log.warning(
+            "request %s: worker %s lost after %d tokens (%s); resuming on %s",
+            self.request_id,
+            lost.record.worker_id,
+            len(resumed),
+            exc,
+            worker.record.worker_id,
+        )
+        self._tried.add(worker.record.worker_id)
+        self.worker = worker
+        worker.view.inflight += 1
+        pool.router.on_routed(self._route, worker.view)
+        self._closed = False
+        self.stream = worker.generate(msgspec.structs.replace(request, resumed_token_ids=resumed))
+
+    async def _release(self) -> None:
         if self._closed:
             return
         self._closed = True
         self.worker.view.inflight -= 1
-        self._router.on_finished(self.request_id)
+        self._pool.router.on_finished(self.request_id)
         # Close the engine stream now, not whenever it is garbage-collected, so an
         # abandoned request frees its KV blocks right away.
-        aclose = getattr(self.outputs, "aclose", None)
+        aclose = getattr(self.stream, "aclose", None)
         if aclose is not None:
             await aclose()
 
+    async def close(self) -> None:
+        await self._release()
+
 
 class ModelPool:
-    """One model: its preprocessing and the workers that serve it."""
+    """One model: its preprocessing and the workers that serve it.
+
+    `workers` are the ones new requests may go to; a draining worker leaves that
+    set at once but keeps its handle (in `draining`) until it deregisters, so its
+    in-flight requests finish.
+    """
 
     def __init__(
         self,
@@ -147,34 +241,62 @@ class ModelPool:
         tokenizer: Tokenizer,
         chat_template: ChatTemplate | None,
         router: Router,
+        *,
+        migration_limit: int = 0,
     ) -> None:
         self.card = card
         self.name = card.served_name
         self.tokenizer = tokenizer
         self.chat_template = chat_template
         self.router = router
+        self.migration_limit = migration_limit
+        self.migrations = 0  # requests moved to another worker so far
         self.workers: dict[str, WorkerHandle] = {}
+        self.draining: dict[str, WorkerHandle] = {}
         self._views: list[WorkerView] = []
         self._router_uses_load = bool(getattr(router, "uses_load", True))
-        self.kv_events_task: asyncio.Task[None] | None = None
+        self.tasks: list[asyncio.Task[None]] = []  # event-plane feeds of this model
+        self.kv_sync: KvEventSync | None = None
 
     def add(self, worker: WorkerHandle) -> None:
         self.workers[worker.record.worker_id] = worker
         self._views = [w.view for w in self.workers.values()]
 
-    def remove(self, worker_id: str) -> None:
-        if self.workers.pop(worker_id, None) is not None:
+    def get_worker(self, worker_id: str) -> WorkerHandle | None:
+        return self.workers.get(worker_id) or self.draining.get(worker_id)
+
+    def drain(self, worker_id: str) -> None:
+        """Route nothing new to the worker; its in-flight requests go on."""
+        worker = self.workers.pop(worker_id, None)
+        if worker is not None:
+            self.draining[worker_id] = worker
             self._views = [w.view for w in self.workers.values()]
             self.router.remove_worker(worker_id)
 
-    def select(self, request: RouteRequest) -> WorkerHandle:
-        if not self.workers:
+    def remove(self, worker_id: str) -> WorkerHandle | None:
+        """Forget the worker; returns its handle (the caller closes it)."""
+        worker = self.workers.pop(worker_id, None)
+        if worker is not None:
+            self._views = [w.view for w in self.workers.values()]
+            self.router.remove_worker(worker_id)
+            return worker
+        return self.draining.pop(worker_id, None)
+
+    @property
+    def empty(self) -> bool:
+        return not self.workers and not self.draining
+
+    def select(self, request: RouteRequest, exclude: set[str] | None = None) -> WorkerHandle:
+        views = self._views
+        if exclude:
+            views = [v for v in views if v.worker_id not in exclude]
+        if not views:
             raise UnavailableError(f"no live worker serves model {self.name!r}", retry_after=1)
         if self._router_uses_load:
-            for worker in self.workers.values():
-                worker.refresh_load()
+            for view in views:
+                self.workers[view.worker_id].refresh_load()
         try:
-            view = self.router.select(request, self._views)
+            view = self.router.select(request, views)
         except NoWorkerError:
             raise UnavailableError(f"no live worker serves model {self.name!r}") from None
         return self.workers[view.worker_id]
@@ -184,7 +306,7 @@ class ModelPool:
         worker = self.select(route)
         worker.view.inflight += 1
         self.router.on_routed(route, worker.view)
-        return Routed(self.router, worker, request.request_id, worker.generate(request))
+        return Routed(self, route, request, worker, self.migration_limit)
 
     async def stream(
         self, route: RouteRequest, request: EngineRequest
@@ -206,7 +328,12 @@ class ModelPool:
 
 
 class ModelManager:
-    """All models this frontend serves, kept in step with discovery."""
+    """All models this frontend serves, kept in step with discovery.
+
+    With an event plane it also follows each model's load reports (remote
+    workers' `view.load`) and KV events (the router's view of every cache,
+    re-synced from a worker's snapshot after a gap; see `kv_sync`).
+    """
 
     def __init__(
         self,
@@ -221,6 +348,7 @@ class ModelManager:
         self.events = events
         self.pools: dict[str, ModelPool] = {}
         self.changed = asyncio.Event()
+        self._closing: set[asyncio.Task[None]] = set()
 
     def get(self, model: str) -> ModelPool:
         pool = self.pools.get(model)
@@ -239,20 +367,53 @@ class ModelManager:
                 log.error("ignoring worker %s: %s", event.record.worker_id, exc)
 
     def apply(self, event: DiscoveryEvent) -> None:
-        record = event.record
         if event.kind is ChangeKind.PUT:
-            pool = self.pools.get(record.model) or self._new_pool(record)
-            pool.add(self.resolver(record))
-            log.info("worker %s joined model %s", record.worker_id, record.model)
+            self._put(event.record)
         else:
-            leaving = self.pools.get(record.model)
-            if leaving is not None:
-                leaving.remove(record.worker_id)
-                log.info("worker %s left model %s", record.worker_id, record.model)
-                if not leaving.workers:
-                    self._drop_pool(leaving)
+            self._delete(event.record)
         self.changed.set()
         self.changed.clear()
+
+    def _put(self, record: WorkerRecord) -> None:
+        wid = record.worker_id
+        pool = self.pools.get(record.model)
+        known = pool.get_worker(wid) if pool is not None else None
+        if pool is not None and known is not None and known.record.address == record.address:
+            known.record = record  # an update of a worker we know
+            if record.draining and wid in pool.workers:
+                pool.drain(wid)
+                log.info("worker %s of model %s is draining", wid, record.model)
+            return
+        if pool is None:
+            pool = self._new_pool(record)
+        elif known is not None:  # same id at a new address: the worker restarted
+            self._close_handle(pool.remove(wid))
+        handle = self.resolver(record)
+        if record.draining:
+            pool.draining[wid] = handle
+        else:
+            pool.add(handle)
+        log.info("worker %s joined model %s at %s", wid, record.model, record.address)
+        self._worker_added(pool, wid)
+
+    def _delete(self, record: WorkerRecord) -> None:
+        pool = self.pools.get(record.model)
+        if pool is None:
+            return
+        # Closing the handle ends the streams still open on it with WorkerLostError
+        # (a worker that died or froze), which migrates them.
+        self._close_handle(pool.remove(record.worker_id))
+        log.info("worker %s left model %s", record.worker_id, record.model)
+        self._worker_removed(pool, record.worker_id)
+        if pool.empty:
+            self._drop_pool(pool)
+
+    def _close_handle(self, handle: WorkerHandle | None) -> None:
+        aclose = getattr(handle, "aclose", None)
+        if aclose is not None:
+            task = asyncio.get_running_loop().create_task(aclose())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
 
     def _new_pool(self, record: WorkerRecord) -> ModelPool:
         card = ModelCard.load(
@@ -264,27 +425,84 @@ class ModelManager:
         template = ChatTemplate.from_dir(card.path)
         router_factory = self.registry.routers.get(self.settings.router)
         router = router_factory(RouterContext(self.settings, record.model, record.block_size))
-        pool = ModelPool(card, tokenizer, template, router)
+        pool = ModelPool(
+            card,
+            tokenizer,
+            template,
+            router,
+            migration_limit=self.settings.runtime.migration_limit,
+        )
         if self.events is not None:
-            pool.kv_events_task = asyncio.get_running_loop().create_task(
-                self._feed_kv_events(pool), name=f"kv-events-{record.model}"
+            loop = asyncio.get_running_loop()
+            pool.kv_sync = KvEventSync(
+                router.on_kv_event, lambda worker_id: self._fetch_snapshot(pool, worker_id)
             )
+            pool.tasks.append(
+                loop.create_task(self._feed_kv_events(pool), name=f"kv-events-{record.model}")
+            )
+            pool.tasks.append(loop.create_task(self._feed_load(pool), name=f"load-{record.model}"))
         self.pools[record.model] = pool
         return pool
 
+    def _worker_added(self, pool: ModelPool, worker_id: str) -> None:
+        if pool.kv_sync is not None:
+            pool.kv_sync.worker_added(worker_id)
+
+    def _worker_removed(self, pool: ModelPool, worker_id: str) -> None:
+        if pool.kv_sync is not None:
+            pool.kv_sync.worker_removed(worker_id)
+
+    def _fetch_snapshot(self, pool: ModelPool, worker_id: str) -> None:
+        """Start fetching a worker's KV snapshot for the pool's `KvEventSync`."""
+
+        async def fetch() -> None:
+            sync = pool.kv_sync
+            assert sync is not None
+            worker = pool.get_worker(worker_id)
+            snapshot_of = getattr(worker, "kv_snapshot", None)
+            try:
+                if snapshot_of is None:
+                    raise EngineError("no such worker, or it takes no KV snapshots")
+                snapshot = await snapshot_of()
+            except (EngineError, OSError) as exc:
+                log.debug("KV snapshot of worker %s failed: %s", worker_id, exc)
+                sync.on_dump_failed(worker_id)
+                return
+            sync.on_snapshot(snapshot)
+
+        task = asyncio.get_running_loop().create_task(fetch())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
     def _drop_pool(self, pool: ModelPool) -> None:
         self.pools.pop(pool.name, None)
-        if pool.kv_events_task is not None:
-            pool.kv_events_task.cancel()
+        for task in pool.tasks:
+            task.cancel()
 
     async def _feed_kv_events(self, pool: ModelPool) -> None:
         assert self.events is not None
+        sync = pool.kv_sync
+        assert sync is not None
         async for message in self.events.subscribe(kv_events_topic(pool.name), KvEvent):
-            pool.router.on_kv_event(message)
+            sync.on_event(message)
+
+    async def _feed_load(self, pool: ModelPool) -> None:
+        assert self.events is not None
+        async for report in self.events.subscribe(load_topic(pool.name), LoadReport):
+            worker = pool.get_worker(report.worker_id)
+            if worker is None:
+                continue
+            worker.view.load = report.metrics
+            if report.kv_event_id is not None and pool.kv_sync is not None:
+                pool.kv_sync.on_heartbeat(report.worker_id, report.kv_event_id)
 
     async def aclose(self) -> None:
         for pool in list(self.pools.values()):
             self._drop_pool(pool)
-            if pool.kv_events_task is not None:
+            for task in pool.tasks:
                 with contextlib.suppress(asyncio.CancelledError):
-                    await pool.kv_events_task
+                    await task
+            for handle in [*pool.workers.values(), *pool.draining.values()]:
+                self._close_handle(handle)
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)

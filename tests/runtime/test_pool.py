@@ -13,7 +13,7 @@ from dynamo_gateway.errors import ModelNotFoundError
 from dynamo_gateway.models.card import ModelCard
 from dynamo_gateway.plugins import load_plugins
 from dynamo_gateway.protocol.engine import EngineRequest, SamplingParams
-from dynamo_gateway.protocol.kv_events import KvEvent
+from dynamo_gateway.protocol.kv_events import AllBlocksCleared, KvEvent
 from dynamo_gateway.router.base import RouterBase, RouteRequest, WorkerView
 from dynamo_gateway.runtime.discovery import MemoryDiscovery
 from dynamo_gateway.runtime.events import MemoryEventPlane
@@ -85,11 +85,17 @@ async def test_pool_follows_discovery_and_tracks_requests(demo_model: Path) -> N
         assert len(got) == 4
         assert recorder.calls == [("routed", "r1"), ("first", "r1"), ("finished", "r1")]
         assert all(w.view.inflight == 0 for w in pool.workers.values())
-        for _ in range(50):  # KV events reach the router through the event plane
-            if recorder.kv_events:
+        # KV events reach the router through the event plane, after each worker's
+        # initial sync (an AllBlocksCleared numbered 0: the workers started empty).
+        for _ in range(50):
+            if any(e.event_id >= 1 for e in recorder.kv_events):
                 break
             await asyncio.sleep(0.01)
-        assert recorder.kv_events and recorder.kv_events[0].event_id == 1
+        synced = [e for e in recorder.kv_events if e.event_id == 0]
+        assert {e.worker_id for e in synced} == set(pool.workers)
+        assert all(isinstance(e.data, AllBlocksCleared) for e in synced)
+        live = [e for e in recorder.kv_events if e.event_id >= 1]
+        assert live and live[0].event_id == 1
 
         # Abandoning a stream mid-way still balances the books.
         req2 = EngineRequest(

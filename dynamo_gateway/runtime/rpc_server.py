@@ -1,0 +1,256 @@
+"""The worker side of the request plane: serves one engine over TCP.
+
+Each connection multiplexes many streams (see `wire`). A `Call` runs the
+engine's `generate()` in a task of its own and sends every output as an `Out`
+frame; `Cancel`, a closed connection or the call's deadline close the engine
+stream, which aborts the request in the engine and frees its KV blocks.
+
+Writes are batched: frames queued during one event-loop iteration go out in a
+single `transport.write()`. When the socket's send buffer fills (a slow
+frontend), stream tasks wait before producing more; the engine keeps running
+and coalesces the tokens of a waiting request into its next output.
+
+Shutdown has two stages. `begin_drain()` refuses new calls with a retryable
+`Fail` (the frontend sends them elsewhere) and lets running ones finish;
+`aclose()` then ends whatever is left, again with a retryable `Fail`, so the
+frontend resumes those requests on another worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any, cast
+
+from dynamo_gateway.engines.base import Engine
+from dynamo_gateway.errors import EngineError
+from dynamo_gateway.protocol.engine import FinishReason
+from dynamo_gateway.runtime.wire import (
+    Call,
+    Cancel,
+    Fail,
+    Frame,
+    FrameCodec,
+    FrameError,
+    Out,
+    Reply,
+    Rpc,
+    encode_result,
+)
+
+log = logging.getLogger(__name__)
+
+
+class RequestPlaneServer:
+    """Serves `engine` on ``tcp://host:port`` (port 0 picks a free one)."""
+
+    def __init__(self, engine: Engine, *, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.engine = engine
+        self.host = host
+        self.port = port
+        self.draining = False
+        self.stopping = False
+        self.requests_served = 0
+        self._server: asyncio.base_events.Server | None = None
+        self._conns: set[_ServerConnection] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._inflight = 0
+
+    @property
+    def address(self) -> str:
+        return f"tcp://{self.host}:{self.port}"
+
+    @property
+    def inflight(self) -> int:
+        """Generation streams running now."""
+        return self._inflight
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: _ServerConnection(self), self.host, self.port, reuse_address=True
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    def begin_drain(self) -> None:
+        """Refuse new calls (retryably); running ones go on."""
+        self.draining = True
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until no stream runs; False if `timeout` passed first."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    async def aclose(self) -> None:
+        """End every stream (retryably) and close every connection."""
+        self.draining = self.stopping = True
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self._conns):
+            await conn.shutdown()
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 2.0)
+            self._server = None
+
+    # -- bookkeeping for the connections ------------------------------------------------
+
+    def _stream_started(self) -> None:
+        self._inflight += 1
+        self._idle.clear()
+
+    def _stream_ended(self) -> None:
+        self._inflight -= 1
+        self.requests_served += 1
+        if self._inflight == 0:
+            self._idle.set()
+
+
+class _ServerConnection(asyncio.Protocol):
+    def __init__(self, server: RequestPlaneServer) -> None:
+        self._server = server
+        self._codec = FrameCodec()
+        self._transport: asyncio.Transport | None = None
+        self._loop = asyncio.get_running_loop()
+        self._wbuf = bytearray()
+        self._flush_pending = False
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self._tasks: dict[int, asyncio.Task[None]] = {}
+
+    # -- asyncio.Protocol ---------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        self._server._conns.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            frames = self._codec.feed(data)
+        except FrameError as exc:
+            log.warning("request plane: closing a connection: %s", exc)
+            self._abort_transport()
+            return
+        for frame in frames:
+            self._dispatch(frame)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._server._conns.discard(self)
+        self._transport = None
+        self._writable.set()
+        for task in self._tasks.values():
+            task.cancel()
+
+    def pause_writing(self) -> None:
+        self._writable.clear()
+
+    def resume_writing(self) -> None:
+        self._writable.set()
+
+    # -- frames ---------------------------------------------------------------------------
+
+    def _dispatch(self, frame: Frame) -> None:
+        if isinstance(frame, Call):
+            if frame.stream in self._tasks:
+                self._send(Fail(frame.stream, "stream id already in use"))
+            elif self._server.draining:
+                self._send(Fail(frame.stream, "worker is draining", retryable=True))
+            else:
+                self._server._stream_started()
+                self._tasks[frame.stream] = self._loop.create_task(self._generate(frame))
+        elif isinstance(frame, Cancel):
+            task = self._tasks.get(frame.stream)
+            if task is not None:
+                task.cancel()
+        elif isinstance(frame, Rpc):
+            self._loop.create_task(self._rpc(frame))
+        else:
+            log.warning("request plane: unexpected %s frame from a frontend", type(frame).__name__)
+
+    async def _generate(self, call: Call) -> None:
+        server = self._server
+        stream = call.stream
+        outputs = server.engine.generate(call.request)
+        try:
+            async with asyncio.timeout(call.timeout_s):
+                async for out in outputs:
+                    if out.finish_reason is FinishReason.ABORT and server.stopping:
+                        self._send(Fail(stream, "worker is shutting down", retryable=True))
+                        return
+                    self._send(Out(stream, out))
+                    if out.finish_reason is not None:
+                        return
+                    if not self._writable.is_set():
+                        await self._writable.wait()
+            self._send(Fail(stream, "engine stream ended without a finish reason"))
+        except TimeoutError:
+            self._send(Fail(stream, f"request deadline of {call.timeout_s} s exceeded"))
+        except EngineError as exc:
+            # An engine that stopped or failed as a whole: another worker may do better.
+            self._send(Fail(stream, str(exc), retryable=server.stopping))
+        except asyncio.CancelledError:
+            pass  # Cancel frame or lost connection: nobody is waiting for an answer
+        except Exception as exc:  # a bug in the engine; the stream, not the worker, ends
+            log.exception("request plane: stream %d failed", stream)
+            self._send(Fail(stream, f"worker error: {exc!r}"))
+        finally:
+            aclose = getattr(outputs, "aclose", None)
+            if aclose is not None:
+                with contextlib.suppress(Exception):
+                    await aclose()
+            self._tasks.pop(stream, None)
+            server._stream_ended()
+
+    async def _rpc(self, rpc: Rpc) -> None:
+        engine = self._server.engine
+        try:
+            result: Any
+            if rpc.method == "health":
+                await engine.check_health()
+                result = None
+            elif rpc.method == "load":
+                result = engine.load()
+            elif rpc.method == "kv_snapshot":
+                snapshot = getattr(engine, "kv_snapshot", None)
+                if snapshot is None:
+                    raise EngineError("this engine does not take KV snapshots")
+                result = snapshot()
+            else:
+                raise EngineError(f"unknown method {rpc.method!r}")
+            self._send(Reply(rpc.stream, encode_result(result)))
+        except Exception as exc:
+            self._send(Reply(rpc.stream, error=str(exc) or repr(exc)))
+
+    # -- writing ----------------------------------------------------------------------------
+
+    def _send(self, frame: Frame) -> None:
+        if self._transport is None:
+            return
+        self._codec.encode(frame, self._wbuf)
+        if not self._flush_pending:
+            self._flush_pending = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_pending = False
+        if self._transport is not None and self._wbuf:
+            self._transport.write(bytes(self._wbuf))
+        self._wbuf.clear()
+
+    def _abort_transport(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+
+    async def shutdown(self) -> None:
+        """Let the streams send their retryable `Fail`, flush, and close."""
+        tasks = list(self._tasks.values())
+        if tasks:
+            await asyncio.wait(tasks, timeout=2.0)
+        self._flush()
+        if self._transport is not None:
+            self._transport.close()

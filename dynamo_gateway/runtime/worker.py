@@ -1,0 +1,249 @@
+"""One engine worker as a process of its own (`dynamo-gateway worker`).
+
+Start-up: connect to discovery and the event plane, start the engine, serve it
+on the request plane, then register a `WorkerRecord` (model, role, request-plane
+address, KV block size and capacity, status endpoint). While running, KV events
+and load reports go out on the event plane.
+
+Shutdown on SIGTERM/SIGINT is a drain: the record is re-registered with
+``draining=True`` (frontends route nothing new here) and new calls that still
+arrive are refused retryably; in-flight requests get up to
+``runtime.drain_timeout_s`` to finish; whatever is left is ended retryably
+(frontends resume it elsewhere); then the worker deregisters and exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import uuid
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import msgspec
+from prometheus_client import CollectorRegistry, Gauge, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from dynamo_gateway.engines.base import Engine, EngineContext
+from dynamo_gateway.errors import ConfigError
+from dynamo_gateway.models.card import ModelCard
+from dynamo_gateway.protocol.engine import LoadMetrics, WorkerRole
+from dynamo_gateway.protocol.kv_events import KvEvent
+from dynamo_gateway.runtime.connect import connect_discovery, connect_events
+from dynamo_gateway.runtime.discovery import Discovery, WorkerRecord
+from dynamo_gateway.runtime.events import EventPlane, LoadReport, kv_events_topic, load_topic
+from dynamo_gateway.runtime.rpc_server import RequestPlaneServer
+from dynamo_gateway.runtime.status import StatusServer, json_body
+
+if TYPE_CHECKING:
+    from dynamo_gateway.plugins import Plugins
+    from dynamo_gateway.settings import Settings
+
+log = logging.getLogger(__name__)
+
+LOAD_REPORT_INTERVAL_S = 0.1  # a changed load goes out this often at most
+LOAD_HEARTBEAT_S = 1.0  # an unchanged one this often
+
+
+class Worker:
+    """A running worker; `run_worker()` drives one from start to drained exit."""
+
+    def __init__(self, settings: Settings, plugins: Plugins) -> None:
+        if len(settings.models) != 1:
+            raise ConfigError("a worker serves exactly one --model")
+        self.settings = settings
+        self.plugins = plugins
+        served = settings.models[0]
+        self.card = ModelCard.load(
+            served.path, served_name=served.name, max_model_len=settings.max_model_len
+        )
+        ws = settings.worker
+        self.worker_id = ws.worker_id or (
+            f"{self.card.served_name}-{settings.engine}-{uuid.uuid4().hex[:8]}"
+        )
+        self.role = WorkerRole(ws.role)
+        self.discovery: Discovery | None = None
+        self.events: EventPlane | None = None
+        self.engine: Engine | None = None
+        self.server: RequestPlaneServer | None = None
+        self.status: StatusServer | None = None
+        self.record: WorkerRecord | None = None
+        self._load_task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        settings = self.settings
+        rt = settings.runtime
+        self.discovery = await connect_discovery(self.plugins.registry, rt.discovery, settings)
+        self.events = await connect_events(self.plugins.registry, rt.events, settings)
+        events = self.events
+        topic = kv_events_topic(self.card.served_name)
+
+        def publish(event: KvEvent) -> None:
+            events.publish(topic, event)
+
+        factory = self.plugins.registry.engines.get(settings.engine)
+        self.engine = factory(
+            EngineContext(
+                settings, self.card, self.worker_id, role=self.role, publish_kv_event=publish
+            )
+        )
+        await self.engine.start()
+        ws = settings.worker
+        self.server = RequestPlaneServer(self.engine, host=ws.host, port=ws.port)
+        await self.server.start()
+        status_address = ""
+        if ws.status_port is not None:
+            self.status = StatusServer(
+                {"/health": self._health, "/live": self._live, "/metrics": self._metrics},
+                host=ws.host,
+                port=ws.status_port,
+            )
+            await self.status.start()
+            status_address = self._advertised(self.status.address)
+        self.record = WorkerRecord(
+            worker_id=self.worker_id,
+            model=self.card.served_name,
+            model_path=str(self.card.path),
+            address=self._advertised(self.server.address),
+            role=self.role,
+            block_size=self.engine.block_size,
+            kv_blocks_total=self.engine.load().kv_blocks_total,
+            max_model_len=self.card.max_model_len,
+            status_address=status_address,
+        )
+        self._load_task = asyncio.get_running_loop().create_task(self._report_load())
+        await self.discovery.register(self.record)
+        log.info("worker %s registered at %s", self.worker_id, self.record.address)
+
+    def _advertised(self, address: str) -> str:
+        host = self.settings.worker.advertise_host
+        if not host:
+            return address
+        scheme, _, rest = address.partition("://")
+        return f"{scheme}://{host}:{rest.rpartition(':')[2]}"
+
+    async def drain_and_stop(self) -> None:
+        """Drain (see the module docstring), deregister and release everything."""
+        timeout = self.settings.runtime.drain_timeout_s
+        if self.server is not None and self.discovery is not None and self.record is not None:
+            self.server.begin_drain()
+            draining = msgspec.structs.replace(self.record, draining=True)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.discovery.register(draining), 5.0)
+            if self.server.inflight:
+                log.info(
+                    "worker %s draining %d requests (up to %.0f s)",
+                    self.worker_id,
+                    self.server.inflight,
+                    timeout,
+                )
+            if not await self.server.wait_idle(timeout):
+                log.warning(
+                    "worker %s: %d requests still running after %.0f s; handing them back",
+                    self.worker_id,
+                    self.server.inflight,
+                    timeout,
+                )
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        if self.server is not None:
+            self.server.stopping = True
+        if self.engine is not None:
+            await self.engine.aclose()
+        if self.server is not None:
+            await self.server.aclose()
+        if self._load_task is not None:
+            self._load_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._load_task
+        if self.discovery is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.discovery.deregister(self.worker_id), 5.0)
+            await self.discovery.aclose()
+        if self.status is not None:
+            await self.status.aclose()
+        if self.events is not None:
+            await self.events.aclose()
+
+    # -- load reports ---------------------------------------------------------------------
+
+    async def _report_load(self) -> None:
+        assert self.engine is not None and self.events is not None
+        topic = load_topic(self.card.served_name)
+        last: tuple[LoadMetrics, int | None] | None = None
+        quiet = 0.0
+        while True:
+            now = (self.engine.load(), getattr(self.engine, "last_kv_event_id", None))
+            if now != last or quiet >= LOAD_HEARTBEAT_S:
+                report = LoadReport(worker_id=self.worker_id, metrics=now[0], kv_event_id=now[1])
+                self.events.publish(topic, report)
+                last, quiet = now, 0.0
+            await asyncio.sleep(LOAD_REPORT_INTERVAL_S)
+            quiet += LOAD_REPORT_INTERVAL_S
+
+    # -- status endpoint ------------------------------------------------------------------
+
+    async def _health(self) -> tuple[int, str, bytes]:
+        assert self.engine is not None and self.server is not None
+        try:
+            await self.engine.check_health()
+        except Exception as exc:
+            return json_body(503, {"status": "unhealthy", "error": str(exc)})
+        state = "draining" if self.server.draining else "healthy"
+        return json_body(
+            200 if not self.server.draining else 503,
+            {"status": state, "worker_id": self.worker_id, "model": self.card.served_name},
+        )
+
+    async def _live(self) -> tuple[int, str, bytes]:
+        return json_body(200, {"status": "live"})
+
+    async def _metrics(self) -> tuple[int, str, bytes]:
+        assert self.engine is not None and self.server is not None
+        registry = CollectorRegistry()
+        labels = {"worker_id": self.worker_id, "model": self.card.served_name}
+        load = self.engine.load()
+        for name, doc, value in (
+            ("active_requests", "Requests running in the engine", load.active_requests),
+            ("waiting_requests", "Requests waiting for a batch slot", load.waiting_requests),
+            ("kv_blocks_used", "KV blocks referenced by live requests", load.kv_blocks_used),
+            ("kv_blocks_total", "KV capacity in blocks", load.kv_blocks_total),
+            ("streams", "Request-plane streams open", self.server.inflight),
+            ("requests_served", "Request-plane streams finished", self.server.requests_served),
+            ("draining", "1 while the worker drains", int(self.server.draining)),
+        ):
+            gauge = Gauge(f"dynamo_gateway_worker_{name}", doc, list(labels), registry=registry)
+            gauge.labels(**labels).set(value)
+        return 200, CONTENT_TYPE_LATEST, generate_latest(registry)
+
+
+async def run_worker(
+    settings: Settings,
+    plugins: Plugins,
+    *,
+    ready: Callable[[Worker], None] | None = None,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Run one worker until SIGTERM/SIGINT (or `stop`), then drain and exit."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    worker = Worker(settings, plugins)
+    try:
+        await worker.start()
+    except BaseException:
+        await worker.aclose()
+        raise
+    if ready is not None:
+        ready(worker)
+    try:
+        await stop.wait()
+    finally:
+        log.info("worker %s (pid %d) stopping", worker.worker_id, os.getpid())
+        await worker.drain_and_stop()
