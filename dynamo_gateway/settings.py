@@ -110,6 +110,9 @@ class RuntimeSettings(BaseModel):
     migration_limit: int = Field(
         3, ge=0, description="times a request may move to another worker when its worker fails"
     )
+    migration_wait_s: float = Field(
+        10.0, ge=0, description="a request being migrated waits this long for a live worker"
+    )
     request_timeout_s: float | None = Field(
         None, gt=0, description="per-request deadline on the request plane (None: no limit)"
     )

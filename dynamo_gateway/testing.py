@@ -20,6 +20,7 @@ installed gets:
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import signal
 import socket
@@ -209,6 +210,143 @@ def gateway_server(tmp_path: Path, demo_model: Path) -> Iterator[Callable[..., G
     yield start
     for gw in started:
         gw.stop()
+
+
+# -- distributed clusters ----------------------------------------------------------------
+
+
+@dataclass
+class ClusterProcess:
+    """A `dynamo-gateway worker` or `frontend` subprocess of a `Cluster`."""
+
+    name: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    url: str = ""  # frontends: http://127.0.0.1:<port>
+    worker_id: str = ""  # workers: from their ready line
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def signal(self, sig: int) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+
+    def kill(self) -> None:
+        """SIGKILL: no drain, no deregistration (the lease must expire)."""
+        self.signal(signal.SIGKILL)
+        self.process.wait(10)
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM and wait (a worker drains first); SIGKILL after `timeout`."""
+        self.signal(signal.SIGCONT)
+        self.signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        return int(self.process.returncode)
+
+
+class Cluster:
+    """Frontend and worker processes sharing one discovery and one event plane."""
+
+    def __init__(self, directory: Path, model: Path, discovery: str, events: str) -> None:
+        self.directory = directory
+        self.model = model
+        self.discovery = discovery
+        self.events = events
+        self.processes: list[ClusterProcess] = []
+        self._count = 0
+
+    def _spawn(self, name: str, argv: list[str]) -> ClusterProcess:
+        self._count += 1
+        log_path = self.directory / f"{self._count:02d}-{name}.log"
+        with log_path.open("wb") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "dynamo_gateway.cli", *argv],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        proc = ClusterProcess(name, process, log_path)
+        self.processes.append(proc)
+        return proc
+
+    def worker(self, *args: str, engine: str = "mocker", timeout: float = 60.0) -> ClusterProcess:
+        """Start a worker of the cluster's model and wait until it has registered."""
+        argv = ["worker", "--engine", engine, "--discovery", self.discovery]
+        argv += ["--events", self.events, "--served-model-name", "demo"]
+        if "--model" not in args:
+            argv += ["--model", str(self.model)]
+        proc = self._spawn(f"worker-{engine}", argv + list(args))
+        line = _wait_for_line(proc, "dynamo-gateway worker ", timeout)
+        proc.worker_id = line.split()[2]
+        return proc
+
+    def frontend(self, *args: str, timeout: float = 60.0) -> ClusterProcess:
+        """Start a frontend on a free port and wait until it listens."""
+        port = free_port()
+        argv = ["frontend", "--discovery", self.discovery, "--events", self.events]
+        proc = self._spawn("frontend", [*argv, "--port", str(port), *args])
+        proc.url = f"http://127.0.0.1:{port}"
+        _wait_for_line(proc, "dynamo-gateway frontend ", timeout)
+        return proc
+
+    def wait_workers(
+        self, frontend: ClusterProcess, count: int, *, model: str = "demo", timeout: float = 30.0
+    ) -> None:
+        """Wait until `frontend` routes to exactly `count` workers of `model`."""
+        deadline = time.monotonic() + timeout
+        seen: Any = None
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{frontend.url}/ready", timeout=2) as resp:
+                    seen = json.loads(resp.read())
+            except urllib.error.HTTPError as exc:  # 503 while no worker is live
+                seen = json.loads(exc.read())
+            except (urllib.error.URLError, OSError):
+                seen = None
+            if seen is not None and seen["models"].get(model, 0) == count:
+                return
+            time.sleep(0.1)
+        raise TimeoutError(f"{frontend.url} never had {count} workers of {model}: {seen}")
+
+    def stop_all(self) -> None:
+        for proc in reversed(self.processes):
+            proc.stop(timeout=15)
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.log_path.name} ---\n{p.log()}" for p in self.processes)
+
+
+def _wait_for_line(proc: ClusterProcess, prefix: str, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in proc.log().splitlines():
+            if line.startswith(prefix):
+                return line
+        if proc.process.poll() is not None:
+            raise RuntimeError(f"{proc.name} exited with {proc.process.returncode}:\n{proc.log()}")
+        time.sleep(0.05)
+    raise TimeoutError(f"{proc.name} not ready after {timeout} s:\n{proc.log()}")
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, demo_model: Path) -> Iterator[Callable[[str, str], Cluster]]:
+    """Factory: ``cluster(discovery_url, events_url)`` -> a `Cluster` on the demo model
+    (served as ``demo``); every process is stopped at teardown."""
+    made: list[Cluster] = []
+
+    def make(discovery: str, events: str) -> Cluster:
+        directory = tmp_path / f"cluster{len(made)}"
+        directory.mkdir()
+        made.append(Cluster(directory, demo_model, discovery, events))
+        return made[-1]
+
+    yield make
+    for c in made:
+        c.stop_all()
 
 
 # -- helpers for testing engines directly -------------------------------------------------

@@ -49,7 +49,7 @@ from dynamo_gateway.frontend.http import (
     error_response,
     read_body,
 )
-from dynamo_gateway.frontend.metrics import FrontendMetrics, gauge
+from dynamo_gateway.frontend.metrics import FrontendMetrics, counter, gauge
 from dynamo_gateway.frontend.preparation import Prepared, prepare_chat, prepare_completion
 from dynamo_gateway.protocol.openai import ChatCompletionRequest, CompletionRequest, decode_request
 from dynamo_gateway.runtime.pool import ModelManager
@@ -83,7 +83,18 @@ class Gateway:
         )
         used = gauge("worker_kv_blocks_used", "KV blocks in use on a worker", ["model", "worker"])
         total = gauge("worker_kv_blocks_total", "KV capacity of a worker", ["model", "worker"])
+        migrations = counter(
+            "migrations", "Requests resumed on another worker after theirs was lost", ["model"]
+        )
+        kv_events = counter("kv_events", "KV events delivered to the router", ["model"])
+        kv_resyncs = counter(
+            "kv_resyncs", "KV snapshots applied after an event gap or a new worker", ["model"]
+        )
         for name, pool in self.manager.pools.items():
+            migrations.add_metric([name], pool.migrations)
+            if pool.kv_sync is not None:
+                kv_events.add_metric([name], pool.kv_sync.events_delivered)
+                kv_resyncs.add_metric([name], pool.kv_sync.snapshots_applied)
             roles: dict[str, int] = {}
             for wid, w in pool.workers.items():
                 roles[w.record.role.value] = roles.get(w.record.role.value, 0) + 1
@@ -95,7 +106,7 @@ class Gateway:
                 total.add_metric([name, wid], load.kv_blocks_total)
             for role, count in roles.items():
                 workers.add_metric([name, role], count)
-        return [workers, active, waiting, used, total]
+        return [workers, active, waiting, used, total, migrations, kv_events, kv_resyncs]
 
     # -- generation endpoints --------------------------------------------------
 

@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 PREFIX = "dynamo_gateway"
@@ -110,3 +110,8 @@ class _FnCollector(Collector):
 
 def gauge(name: str, doc: str, labels: list[str]) -> GaugeMetricFamily:
     return GaugeMetricFamily(f"{PREFIX}_{name}", doc, labels=labels)
+
+
+def counter(name: str, doc: str, labels: list[str]) -> CounterMetricFamily:
+    """A counter kept elsewhere (read at scrape time); `name` without ``_total``."""
+    return CounterMetricFamily(f"{PREFIX}_{name}", doc, labels=labels)

@@ -187,10 +187,9 @@ class Routed:
         pool = self._pool
         lost = self.worker
         await self._release()
-        try:
-            worker = pool.select(self._route, exclude=self._tried)
-        except UnavailableError:
-            raise exc from None
+        worker = await pool.select_or_wait(self._route, self._tried, pool.migration_wait_s)
+        if worker is None:
+            raise exc
         self.migrations_left -= 1
         self.migrations += 1
         pool.migrations += 1
@@ -243,6 +242,7 @@ class ModelPool:
         router: Router,
         *,
         migration_limit: int = 0,
+        migration_wait_s: float = 0.0,
     ) -> None:
         self.card = card
         self.name = card.served_name
@@ -250,6 +250,8 @@ class ModelPool:
         self.chat_template = chat_template
         self.router = router
         self.migration_limit = migration_limit
+        self.migration_wait_s = migration_wait_s
+        self._joined = asyncio.Event()  # pulsed when a worker becomes routable
         self.migrations = 0  # requests moved to another worker so far
         self.workers: dict[str, WorkerHandle] = {}
         self.draining: dict[str, WorkerHandle] = {}
@@ -261,6 +263,8 @@ class ModelPool:
     def add(self, worker: WorkerHandle) -> None:
         self.workers[worker.record.worker_id] = worker
         self._views = [w.view for w in self.workers.values()]
+        self._joined.set()
+        self._joined.clear()
 
     def get_worker(self, worker_id: str) -> WorkerHandle | None:
         return self.workers.get(worker_id) or self.draining.get(worker_id)
@@ -300,6 +304,23 @@ class ModelPool:
         except NoWorkerError:
             raise UnavailableError(f"no live worker serves model {self.name!r}") from None
         return self.workers[view.worker_id]
+
+    async def select_or_wait(
+        self, request: RouteRequest, exclude: set[str], timeout: float
+    ) -> WorkerHandle | None:
+        """A worker not in `exclude`, waiting up to `timeout` for one to join; or None."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            try:
+                return self.select(request, exclude=exclude)
+            except UnavailableError:
+                pass
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return None
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._joined.wait(), remaining)
 
     def route(self, route: RouteRequest, request: EngineRequest) -> Routed:
         """Pick a worker and start `request` there; the caller must `close()` it."""
@@ -431,6 +452,7 @@ class ModelManager:
             template,
             router,
             migration_limit=self.settings.runtime.migration_limit,
+            migration_wait_s=self.settings.runtime.migration_wait_s,
         )
         if self.events is not None:
             loop = asyncio.get_running_loop()

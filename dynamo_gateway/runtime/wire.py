@@ -84,28 +84,28 @@ class FrameCodec:
 
     def feed(self, data: bytes) -> list[Frame]:
         """Frames completed by `data`; raises `FrameError` on garbage."""
-        buf = self._buf
-        buf.extend(data)
+        if self._buf:
+            self._buf.extend(data)
+            data = bytes(self._buf)  # decoded `Raw` fields point into it: keep it immutable
+            self._buf.clear()
         frames: list[Frame] = []
         pos = 0
-        end = len(buf)
-        view = memoryview(buf)
-        try:
-            while end - pos >= 4:
-                (size,) = HEADER.unpack_from(buf, pos)
-                if size > MAX_FRAME_BYTES:
-                    raise FrameError(f"frame of {size} bytes exceeds {MAX_FRAME_BYTES}")
-                if end - pos - 4 < size:
-                    break
-                try:
-                    frames.append(self._decoder.decode(view[pos + 4 : pos + 4 + size]))
-                except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                    raise FrameError(f"undecodable frame: {exc}") from None
-                pos += 4 + size
-        finally:
-            view.release()
-        if pos:
-            del buf[:pos]
+        end = len(data)
+        view = memoryview(data)
+        decode = self._decoder.decode
+        while end - pos >= 4:
+            (size,) = HEADER.unpack_from(data, pos)
+            if size > MAX_FRAME_BYTES:
+                raise FrameError(f"frame of {size} bytes exceeds {MAX_FRAME_BYTES}")
+            if end - pos - 4 < size:
+                break
+            try:
+                frames.append(decode(view[pos + 4 : pos + 4 + size]))
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                raise FrameError(f"undecodable frame: {exc}") from None
+            pos += 4 + size
+        if pos < end:
+            self._buf.extend(view[pos:])
         return frames
 
 
