@@ -276,9 +276,11 @@ class Cluster:
     def worker(self, *args: str, engine: str = "mocker", timeout: float = 60.0) -> ClusterProcess:
         """Start a worker of the cluster's model and wait until it has registered."""
         argv = ["worker", "--engine", engine, "--discovery", self.discovery]
-        argv += ["--events", self.events, "--served-model-name", "demo"]
+        argv += ["--events", self.events]
         if "--model" not in args:
             argv += ["--model", str(self.model)]
+        if "--served-model-name" not in args:
+            argv += ["--served-model-name", "demo"]
         proc = self._spawn(f"worker-{engine}", argv + list(args))
         line = _wait_for_line(proc, "dynamo-gateway worker ", timeout)
         proc.worker_id = line.split()[2]

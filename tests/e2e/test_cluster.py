@@ -296,6 +296,20 @@ async def test_single_host_file_and_zmq_without_servers(
     health = get_json(fe.url + "/health")
     assert health["status"] == "healthy"
 
-    first.kill()  # no deregistration: the file lease must run out
-    c.wait_workers(fe, 1, timeout=15)
+    # A second model appears with its first worker and goes with its last one.
+    other = c.worker("--speedup", "20", "--lease-ttl", "2", "--served-model-name", "other")
+    c.wait_workers(fe, 1, model="other")
+    async with httpx.AsyncClient(timeout=60) as client:
+        models = (await client.get(f"{fe.url}/v1/models")).json()
+        assert sorted(m["id"] for m in models["data"]) == ["demo", "other"]
+        body = {"model": "other", "prompt": "hi", "max_tokens": 4}
+        resp = await client.post(f"{fe.url}/v1/completions", json=body)
+        assert resp.status_code == 200 and resp.json()["usage"]["completion_tokens"] == 4
+
+        first.kill()  # no deregistration: the file lease must run out
+        other.kill()
+        c.wait_workers(fe, 1, timeout=15)
+        wait_until(lambda: "other" not in get_json(fe.url + "/ready")["models"], 15, "other")  # type: ignore[operator]
+        resp = await client.post(f"{fe.url}/v1/completions", json=body)
+        assert resp.status_code == 404
     assert_complete(await run_requests(fe.url, 4, 8, prefix="after"), 8)
