@@ -12,8 +12,10 @@ and coalesces the tokens of a waiting request into its next output.
 
 Shutdown has two stages. `begin_drain()` refuses new calls with a retryable
 `Fail` (the frontend sends them elsewhere) and lets running ones finish;
-`aclose()` then ends whatever is left, again with a retryable `Fail`, so the
-frontend resumes those requests on another worker.
+`aclose()`, called once the engine has been stopped with `stopping` set, sends
+the aborted streams' retryable `Fail`s and closes the connections, so the
+frontend resumes those requests on another worker. (Streams of an engine that
+is still running get 2 s, then lose their connection: also retryable.)
 """
 
 from __future__ import annotations
@@ -175,8 +177,10 @@ class _ServerConnection(asyncio.Protocol):
     async def _generate(self, call: Call) -> None:
         server = self._server
         stream = call.stream
-        outputs = server.engine.generate(call.request)
+        outputs: Any = None
         try:
+            # Inside the try: an engine may reject a request as soon as generate() is called.
+            outputs = server.engine.generate(call.request)
             async with asyncio.timeout(call.timeout_s):
                 async for out in outputs:
                     if out.finish_reason is FinishReason.ABORT and server.stopping:
