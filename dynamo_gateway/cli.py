@@ -48,6 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_engine_args(serve)
     serve.add_argument("--workers", type=int, help="engine workers to start (default 1)")
     serve.add_argument("--router", help="routing policy (default round_robin)")
+    _add_router_args(serve)
     serve.set_defaults(func=_cmd_serve)
 
     worker = sub.add_parser(
@@ -83,6 +84,13 @@ def _parser() -> argparse.ArgumentParser:
     _add_frontend_args(frontend)
     _add_runtime_args(frontend)
     frontend.add_argument("--router", help="routing policy (default round_robin)")
+    _add_router_args(frontend)
+    frontend.add_argument(
+        "--router-replica-sync",
+        action="store_true",
+        default=None,
+        help="share routing decisions with the other frontends over the event plane",
+    )
     frontend.add_argument(
         "--migration-limit",
         type=int,
@@ -154,6 +162,41 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, help="token budget per engine step")
 
 
+def _add_router_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("kv router", "options of --router kv")
+    g.add_argument(
+        "--router-temperature",
+        type=float,
+        metavar="T",
+        help="0: cheapest worker; >0: softmax sampling",
+    )
+    g.add_argument(
+        "--kv-overlap-weight",
+        type=float,
+        metavar="W",
+        help="weight of prefill blocks in the cost (default 1)",
+    )
+    g.add_argument(
+        "--no-kv-events",
+        dest="use_kv_events",
+        action="store_const",
+        const=False,
+        help="approximate mode: assume routed prefixes are cached instead of indexing KV events",
+    )
+    g.add_argument(
+        "--router-ttl",
+        type=float,
+        metavar="S",
+        help="approximate mode: seconds a routed prefix stays (120)",
+    )
+    g.add_argument(
+        "--session-ttl",
+        type=float,
+        metavar="S",
+        help="seconds X-Session-Id affinity lasts (default 300)",
+    )
+
+
 def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--discovery", help="memory://, file:///dir or etcd://host:port (default memory://)"
@@ -174,6 +217,12 @@ _SETTINGS_MAP: dict[str, tuple[str, ...]] = {
     "max_model_len": ("max_model_len",),
     "workers": ("workers",),
     "router": ("router",),
+    "router_replica_sync": ("runtime", "router_replica_sync"),
+    "router_temperature": ("kv_router", "temperature"),
+    "kv_overlap_weight": ("kv_router", "overlap_weight"),
+    "use_kv_events": ("kv_router", "use_kv_events"),
+    "router_ttl": ("kv_router", "approx_ttl_s"),
+    "session_ttl": ("kv_router", "session_ttl_s"),
     "speedup": ("mocker", "speedup"),
     "device": ("reference", "device"),
     "dtype": ("reference", "dtype"),

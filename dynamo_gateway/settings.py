@@ -119,6 +119,9 @@ class RuntimeSettings(BaseModel):
     drain_timeout_s: float = Field(
         30.0, ge=0, description="a stopping worker waits this long for in-flight requests"
     )
+    router_replica_sync: bool = Field(
+        False, description="share routing decisions with other frontends over the event plane"
+    )
     connections_per_worker: int = Field(
         2, ge=1, le=64, description="request-plane TCP connections a frontend keeps per worker"
     )
@@ -137,6 +140,32 @@ class WorkerSettings(BaseModel):
     )
     role: Literal["aggregated", "prefill", "decode"] = "aggregated"
     worker_id: str | None = Field(None, description="default: model-engine-<random>")
+
+
+class KvRouterSettings(BaseModel):
+    """`[kv_router]`: the `kv` routing policy (KV-cache overlap and load)."""
+
+    overlap_weight: float = Field(
+        1.0, ge=0, description="cost = overlap_weight * prefill_blocks + decode_blocks"
+    )
+    temperature: float = Field(
+        0.0, ge=0, description="0: argmin of the cost; above 0: softmax sampling over it"
+    )
+    use_kv_events: bool = Field(
+        True, description="index the workers' KV events; off: approximate from routing decisions"
+    )
+    approx_ttl_s: float = Field(
+        120.0, gt=0, description="approximate mode: a routed prefix is assumed cached this long"
+    )
+    session_ttl_s: float = Field(
+        300.0, ge=0, description="X-Session-Id affinity lasts this long after the last request"
+    )
+    max_imbalance_blocks: int | None = Field(
+        None,
+        ge=0,
+        description="if the cheapest worker has this many more active blocks than the least "
+        "loaded one, route by load instead (None: off, Dynamo's cost alone)",
+    )
 
 
 class ServedModel(BaseModel):
@@ -177,6 +206,7 @@ class Settings(BaseSettings):
     reference: ReferenceSettings = Field(default_factory=ReferenceSettings)
     runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    kv_router: KvRouterSettings = Field(default_factory=KvRouterSettings)
     plugin_config: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
     @field_validator("plugins", mode="before")

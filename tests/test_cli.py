@@ -15,7 +15,7 @@ def test_plugins_json_lists_builtins_and_the_four_packages() -> None:
     rows = {row["name"]: row for row in json.loads(out.stdout)}
     assert rows["builtin.engines"]["provides"] == {"engines": ["mocker", "reference"]}
     assert rows["builtin.routers"]["provides"]["routers"] == [
-        "least_loaded", "random", "round_robin",
+        "kv", "least_loaded", "random", "round_robin",
     ]  # fmt: skip
     assert rows["vllm"]["provides"] == {"engines": ["vllm"]}
     assert rows["sglang"]["provides"] == {"engines": ["sglang"]}

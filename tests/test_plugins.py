@@ -23,7 +23,7 @@ def test_builtins_register_mocker_routers_and_memory_backends() -> None:
     plugins = load_plugins(entry_points=False)
     reg = plugins.registry
     assert reg.engines.names() == ["mocker", "reference"]
-    assert reg.routers.names() == ["least_loaded", "random", "round_robin"]
+    assert reg.routers.names() == ["kv", "least_loaded", "random", "round_robin"]
     assert reg.discovery.names() == ["etcd", "file", "memory"]
     assert reg.event_planes.names() == ["memory", "nats", "zmq"]
     assert reg.engines.registration("mocker").plugin == "builtin.engines"

@@ -1,4 +1,4 @@
-"""Built-in load-only routing policies."""
+"""Built-in routing policies: load-only ones and `kv` (KV-cache aware)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,12 @@ def _least_loaded(context: RouterContext) -> Router:
     return LeastLoadedRouter()
 
 
+def _kv(context: RouterContext) -> Router:
+    from dynamo_gateway.router.kv import KvRouter
+
+    return KvRouter(context.block_size, context.settings.kv_router)
+
+
 @hookimpl
 def dynamo_gateway_register_routers(register: RouterRegister) -> None:
     register("round_robin", _round_robin, description="cycle through the workers")
@@ -28,4 +34,9 @@ def dynamo_gateway_register_routers(register: RouterRegister) -> None:
         "least_loaded",
         _least_loaded,
         description="fewest outstanding requests, then lowest KV usage",
+    )
+    register(
+        "kv",
+        _kv,
+        description="KV-cache overlap weighed against load (Dynamo's cost), session affinity",
     )

@@ -60,6 +60,59 @@ log = logging.getLogger(__name__)
 CLIENT_CLOSED = 499  # nginx's convention for "client closed the request"
 
 
+class _RouterMetrics:
+    """Metric families from routers that keep stats (the `kv` router's `stats()`)."""
+
+    def __init__(self) -> None:
+        labels = ["model"]
+        self.blocks = counter("router_prompt_blocks", "Full prompt blocks routed", labels)
+        self.matched = counter(
+            "router_matched_blocks",
+            "Routed prompt blocks already cached on the chosen worker",
+            labels,
+        )
+        self.hit_rate = gauge("router_prefix_hit_rate", "matched / routed prompt blocks", labels)
+        self.decisions = counter("router_decisions", "Routing decisions", labels)
+        self.seconds = counter(
+            "router_decision_seconds", "Time spent deciding, by phase", ["model", "phase"]
+        )
+        self.latency = gauge(
+            "router_decision_latency_seconds",
+            "Decision latency over recent requests, by quantile",
+            ["model", "quantile"],
+        )
+        self.indexer_blocks = gauge("router_indexer_blocks", "Blocks in the KV index", labels)
+        self.indexer_bytes = gauge("router_indexer_bytes", "Approximate KV index memory", labels)
+
+    def add(self, model: str, router: object) -> None:
+        stats_of = getattr(router, "stats", None)
+        if stats_of is None:
+            return
+        st = stats_of()
+        self.blocks.add_metric([model], st.request_blocks)
+        self.matched.add_metric([model], st.matched_blocks)
+        self.hit_rate.add_metric([model], st.hit_rate)
+        self.decisions.add_metric([model], st.decisions)
+        for phase in ("hashing", "matching", "selection"):
+            self.seconds.add_metric([model, phase], getattr(st, f"{phase}_s"))
+        self.latency.add_metric([model, "0.5"], st.decision_p50_s)
+        self.latency.add_metric([model, "0.99"], st.decision_p99_s)
+        self.indexer_blocks.add_metric([model], st.indexer_blocks)
+        self.indexer_bytes.add_metric([model], st.indexer_bytes)
+
+    def families(self) -> list[Metric]:
+        return [
+            self.blocks,
+            self.matched,
+            self.hit_rate,
+            self.decisions,
+            self.seconds,
+            self.latency,
+            self.indexer_blocks,
+            self.indexer_bytes,
+        ]
+
+
 class Gateway:
     """State shared by the endpoints of one frontend."""
 
@@ -90,7 +143,9 @@ class Gateway:
         kv_resyncs = counter(
             "kv_resyncs", "KV snapshots applied after an event gap or a new worker", ["model"]
         )
+        router_metrics = _RouterMetrics()
         for name, pool in self.manager.pools.items():
+            router_metrics.add(name, pool.router)
             migrations.add_metric([name], pool.migrations)
             if pool.kv_sync is not None:
                 kv_events.add_metric([name], pool.kv_sync.events_delivered)
@@ -106,7 +161,17 @@ class Gateway:
                 total.add_metric([name, wid], load.kv_blocks_total)
             for role, count in roles.items():
                 workers.add_metric([name, role], count)
-        return [workers, active, waiting, used, total, migrations, kv_events, kv_resyncs]
+        return [
+            workers,
+            active,
+            waiting,
+            used,
+            total,
+            migrations,
+            kv_events,
+            kv_resyncs,
+            *router_metrics.families(),
+        ]
 
     # -- generation endpoints --------------------------------------------------
 

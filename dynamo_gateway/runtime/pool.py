@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 import msgspec
 
@@ -115,6 +116,59 @@ class InprocResolver:
         return LocalWorker(record, self.engines[key])
 
 
+class RouterSync(msgspec.Struct, frozen=True, kw_only=True):
+    """One routing lifecycle step of a frontend, for the other frontends' routers.
+
+    Router replica sync: with several frontends over the same workers, each
+    router's own bookkeeping (load in flight, approximate-mode cache guesses,
+    session affinity) would see only its own requests. Every frontend publishes
+    these on the event plane and replays the others' into its router, with the
+    request id prefixed by the publishing frontend's id.
+    """
+
+    ROUTED: ClassVar[str] = "routed"
+    FIRST_TOKEN: ClassVar[str] = "first_token"
+    FINISHED: ClassVar[str] = "finished"
+
+    frontend: str
+    kind: str
+    request_id: str
+    worker_id: str = ""
+    token_ids: list[int] = []
+    session_id: str | None = None
+
+
+def router_sync_topic(model: str) -> str:
+    return f"router.{model}"
+
+
+class ReplicaPublisher:
+    """Publishes one pool's `RouterSync` steps on the event plane."""
+
+    def __init__(self, events: EventPlane, model: str, frontend_id: str) -> None:
+        self._events = events
+        self._topic = router_sync_topic(model)
+        self.frontend_id = frontend_id
+
+    def publish_routed(self, route: RouteRequest, worker_id: str) -> None:
+        self._events.publish(
+            self._topic,
+            RouterSync(
+                frontend=self.frontend_id,
+                kind=RouterSync.ROUTED,
+                request_id=route.request_id,
+                worker_id=worker_id,
+                token_ids=list(route.token_ids),
+                session_id=route.session_id,
+            ),
+        )
+
+    def publish(self, kind: str, request_id: str) -> None:
+        self._events.publish(
+            self._topic, RouterSync(frontend=self.frontend_id, kind=kind, request_id=request_id)
+        )
+
+
 class Routed:
     """A request in flight, with the bookkeeping to undo when it ends.
 
@@ -163,7 +217,7 @@ class Routed:
         self.outputs: AsyncIterator[EngineOutput] = self if migrations_left > 0 else self.stream
 
     def first_token(self) -> None:
-        self._pool.router.on_first_token(self.request_id)
+        self._pool.first_token(self.request_id)
 
     def __aiter__(self) -> Routed:
         return self
@@ -206,7 +260,7 @@ class Routed:
         self._tried.add(worker.record.worker_id)
         self.worker = worker
         worker.view.inflight += 1
-        pool.router.on_routed(self._route, worker.view)
+        pool.routed(self._route, worker.view)
         self._closed = False
         self.stream = worker.generate(msgspec.structs.replace(request, resumed_token_ids=resumed))
 
@@ -215,7 +269,7 @@ class Routed:
             return
         self._closed = True
         self.worker.view.inflight -= 1
-        self._pool.router.on_finished(self.request_id)
+        self._pool.finished(self.request_id)
         # Close the engine stream now, not whenever it is garbage-collected, so an
         # abandoned request frees its KV blocks right away.
         aclose = getattr(self.stream, "aclose", None)
@@ -259,6 +313,7 @@ class ModelPool:
         self._router_uses_load = bool(getattr(router, "uses_load", True))
         self.tasks: list[asyncio.Task[None]] = []  # event-plane feeds of this model
         self.kv_sync: KvEventSync | None = None
+        self.replica: ReplicaPublisher | None = None  # set with router replica sync
 
     def add(self, worker: WorkerHandle) -> None:
         self.workers[worker.record.worker_id] = worker
@@ -273,9 +328,10 @@ class ModelPool:
         """Route nothing new to the worker; its in-flight requests go on."""
         worker = self.workers.pop(worker_id, None)
         if worker is not None:
+            # The router keeps its state of the worker (its requests still run, its
+            # cache is real) until the worker leaves; it just is not eligible.
             self.draining[worker_id] = worker
             self._views = [w.view for w in self.workers.values()]
-            self.router.remove_worker(worker_id)
 
     def remove(self, worker_id: str) -> WorkerHandle | None:
         """Forget the worker; returns its handle (the caller closes it)."""
@@ -305,6 +361,37 @@ class ModelPool:
             raise UnavailableError(f"no live worker serves model {self.name!r}") from None
         return self.workers[view.worker_id]
 
+    # -- router lifecycle, mirrored to other frontends with replica sync -------------------
+
+    def routed(self, route: RouteRequest, view: WorkerView) -> None:
+        self.router.on_routed(route, view)
+        if self.replica is not None:
+            self.replica.publish_routed(route, view.worker_id)
+
+    def first_token(self, request_id: str) -> None:
+        self.router.on_first_token(request_id)
+        if self.replica is not None:
+            self.replica.publish(RouterSync.FIRST_TOKEN, request_id)
+
+    def finished(self, request_id: str) -> None:
+        self.router.on_finished(request_id)
+        if self.replica is not None:
+            self.replica.publish(RouterSync.FINISHED, request_id)
+
+    def apply_sync(self, sync: RouterSync) -> None:
+        """Replay another frontend's routing decision into this pool's router."""
+        rid = f"{sync.frontend}/{sync.request_id}"
+        if sync.kind == RouterSync.ROUTED:
+            worker = self.workers.get(sync.worker_id)
+            if worker is not None:
+                self.router.on_routed(
+                    RouteRequest(rid, sync.token_ids, sync.session_id), worker.view
+                )
+        elif sync.kind == RouterSync.FIRST_TOKEN:
+            self.router.on_first_token(rid)
+        else:
+            self.router.on_finished(rid)
+
     async def select_or_wait(
         self, request: RouteRequest, exclude: set[str], timeout: float
     ) -> WorkerHandle | None:
@@ -326,7 +413,7 @@ class ModelPool:
         """Pick a worker and start `request` there; the caller must `close()` it."""
         worker = self.select(route)
         worker.view.inflight += 1
-        self.router.on_routed(route, worker.view)
+        self.routed(route, worker.view)
         return Routed(self, route, request, worker, self.migration_limit)
 
     async def stream(
@@ -370,6 +457,8 @@ class ModelManager:
         self.pools: dict[str, ModelPool] = {}
         self.changed = asyncio.Event()
         self._closing: set[asyncio.Task[None]] = set()
+        # Names this frontend in router replica sync messages.
+        self.frontend_id = uuid.uuid4().hex[:12]
 
     def get(self, model: str) -> ModelPool:
         pool = self.pools.get(model)
@@ -463,6 +552,11 @@ class ModelManager:
                 loop.create_task(self._feed_kv_events(pool), name=f"kv-events-{record.model}")
             )
             pool.tasks.append(loop.create_task(self._feed_load(pool), name=f"load-{record.model}"))
+            if self.settings.runtime.router_replica_sync:
+                pool.replica = ReplicaPublisher(self.events, record.model, self.frontend_id)
+                pool.tasks.append(
+                    loop.create_task(self._feed_router_sync(pool), name=f"sync-{record.model}")
+                )
         self.pools[record.model] = pool
         return pool
 
@@ -517,6 +611,12 @@ class ModelManager:
             worker.view.load = report.metrics
             if report.kv_event_id is not None and pool.kv_sync is not None:
                 pool.kv_sync.on_heartbeat(report.worker_id, report.kv_event_id)
+
+    async def _feed_router_sync(self, pool: ModelPool) -> None:
+        assert self.events is not None
+        async for sync in self.events.subscribe(router_sync_topic(pool.name), RouterSync):
+            if sync.frontend != self.frontend_id:
+                pool.apply_sync(sync)
 
     async def aclose(self) -> None:
         for pool in list(self.pools.values()):

@@ -122,3 +122,65 @@ async def test_pool_follows_discovery_and_tracks_requests(demo_model: Path) -> N
             await follow
         await manager.aclose()
         await events.aclose()
+
+
+async def test_router_replica_sync_mirrors_routing_to_other_frontends(demo_model: Path) -> None:
+    """Two frontends over the same workers: each router sees the other's requests
+    (prefixed with the publishing frontend's id) in lifecycle order, not its own twice."""
+    from dynamo_gateway import hookimpl
+
+    routers: list[Recorder] = []
+
+    class P:
+        @staticmethod
+        @hookimpl
+        def dynamo_gateway_register_routers(register: object) -> None:
+            def make(ctx: object) -> Recorder:
+                routers.append(Recorder())
+                return routers[-1]
+
+            register("recorder", make)  # type: ignore[operator]
+
+    plugins = load_plugins(entry_points=False, extra=[(P, "rec")])
+    settings = load_settings(
+        router="recorder", mocker={"speedup": 1000.0}, runtime={"router_replica_sync": True}
+    )
+    discovery, events, resolver = MemoryDiscovery(), MemoryEventPlane(), InprocResolver()
+    a = ModelManager(settings, plugins.registry, resolver, events)
+    b = ModelManager(settings, plugins.registry, resolver, events)
+    follows = [asyncio.create_task(m.follow(discovery)) for m in (a, b)]
+    card = ModelCard.load(demo_model, served_name="demo")
+    workers = await start_local_workers(
+        settings, plugins.registry, card, discovery=discovery, events=events,
+        resolver=resolver, count=2,
+    )  # fmt: skip
+    try:
+        async with asyncio.timeout(10):
+            while not ("demo" in a.pools and "demo" in b.pools):
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.05)  # both managers subscribed
+            prompt = list(range(7, 47))
+            req = EngineRequest(
+                request_id="r1", prompt_token_ids=prompt, sampling=SamplingParams(max_tokens=4)
+            )
+            async for _ in a.get("demo").stream(RouteRequest("r1", prompt, "s1"), req):
+                pass
+            router_a, router_b = (m.get("demo").router for m in (a, b))
+            mirrored = f"{a.frontend_id}/r1"
+            want = [("routed", mirrored), ("first", mirrored), ("finished", mirrored)]
+            for _ in range(300):
+                if router_b.calls == want:  # type: ignore[attr-defined]
+                    break
+                await asyncio.sleep(0.01)
+            assert router_b.calls == want  # type: ignore[attr-defined]
+        assert router_a.calls == [("routed", "r1"), ("first", "r1"), ("finished", "r1")]  # type: ignore[attr-defined]
+    finally:
+        await workers.stop()
+        await discovery.aclose()
+        for task in follows:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await a.aclose()
+        await b.aclose()
+        await events.aclose()
