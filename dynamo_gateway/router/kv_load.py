@@ -23,7 +23,7 @@ report (`LoadMetrics.kv_blocks_used`) covers that when the router blends both.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 __all__ = ["LoadTracker"]
@@ -132,14 +132,27 @@ class LoadTracker:
         w = self._workers.get(worker_id)
         return len(w.blocks) + w.partial_blocks if w is not None else 0
 
-    def new_blocks(self, worker_id: str, hashes: Iterable[int], num_tokens: int) -> int:
-        """Blocks a request would add to the worker's active ones (those not shared)."""
+    def new_blocks(self, worker_id: str, hashes: Sequence[int], num_tokens: int) -> int:
+        """Blocks a request would add to the worker's active ones (those not shared).
+
+        The active blocks are prefix-closed (every tracked request holds its whole
+        chain of sequence hashes from the root), so the shared part of `hashes` is
+        a leading run, found by binary search: O(log n) lookups, not n.
+        """
         partial = int(num_tokens % self.block_size != 0)
+        n = len(hashes)
         w = self._workers.get(worker_id)
-        if w is None:
-            return sum(1 for _ in hashes) + partial
+        if w is None or not w.blocks:
+            return n + partial
         blocks = w.blocks
-        return sum(1 for h in hashes if h not in blocks) + partial
+        lo, hi = 0, n  # lo leading hashes are known shared; more than hi are not
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if hashes[mid - 1] in blocks:
+                lo = mid
+            else:
+                hi = mid - 1
+        return n - lo + partial
 
     def requests(self, worker_id: str) -> int:
         """Tracked requests on the worker."""
