@@ -68,14 +68,19 @@ class MockerSettings(BaseModel):
     + prefill_ms_per_token2 * new_tokens**2 (if the step prefills)
     + decode_base_ms + decode_ms_per_kv_block * active_kv_blocks (if it decodes),
     divided by ``speedup``. Its KV capacity defaults to 16384 blocks.
+
+    The defaults are NVIDIA Dynamo 1.6.1's mocker (prefill 16.50 + 0.01518 t +
+    4.21e-7 t^2 ms; decode 5.74 + 54.01 u - 25.74 u^2 ms with u the used share of
+    1M KV tokens, linearised here per 16-token block), so trace replays compare
+    with Dynamo's replay side by side (docs/benchmarks.md).
     """
 
     speedup: float = Field(1.0, gt=0, description="run the timing model this many times faster")
-    prefill_base_ms: float = Field(5.0, ge=0)
-    prefill_ms_per_token: float = Field(0.04, ge=0)
-    prefill_ms_per_token2: float = Field(1.0e-6, ge=0)
-    decode_base_ms: float = Field(8.0, ge=0)
-    decode_ms_per_kv_block: float = Field(0.0025, ge=0)
+    prefill_base_ms: float = Field(16.50142, ge=0)
+    prefill_ms_per_token: float = Field(1.518344e-2, ge=0)
+    prefill_ms_per_token2: float = Field(4.209989e-7, ge=0)
+    decode_base_ms: float = Field(5.74, ge=0)
+    decode_ms_per_kv_block: float = Field(8.24e-4, ge=0)
 
 
 class ReferenceSettings(BaseModel):

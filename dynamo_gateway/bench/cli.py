@@ -1,7 +1,10 @@
 """Command-line glue for ``dynamo-gateway bench`` (also ``python -m dynamo_gateway.bench.cli``).
 
 The top-level ``dynamo-gateway`` command calls :func:`configure_parser` on its ``bench``
-sub-parser and :func:`main` with the parsed namespace.
+sub-parser and :func:`main` with the parsed namespace. Plain ``bench --url ...`` runs the
+load generator; ``bench replay ...`` replays a trace against an in-process fleet
+(:mod:`dynamo_gateway.bench.replay`) and ``bench replay-plot ...`` draws the TTFT CDFs
+of saved replay results.
 """
 
 from __future__ import annotations
@@ -54,6 +57,16 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", dest="json_path", metavar="FILE", help="write results as JSON")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--no-uvloop", action="store_true", help="use the default asyncio loop")
+    # Optional sub-commands: without one, the flags above run the load generator.
+    sub = parser.add_subparsers(dest="bench_command", metavar="{replay,replay-plot}")
+    from dynamo_gateway.bench import replay_cli
+
+    replay_cli.configure_replay_parser(
+        sub.add_parser("replay", help="replay a Mooncake trace against an in-process fleet")
+    )
+    replay_cli.configure_plot_parser(
+        sub.add_parser("replay-plot", help="plot TTFT CDFs of saved replay JSON results")
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
@@ -91,6 +104,11 @@ def _loop_factory(use_uvloop: bool) -> Callable[[], asyncio.AbstractEventLoop] |
 
 def main(args: argparse.Namespace) -> int:
     """Run the benchmark; 0 on completion (even with request errors), 2 on bad arguments."""
+    command = getattr(args, "bench_command", None)
+    if command is not None:
+        from dynamo_gateway.bench import replay_cli
+
+        return replay_cli.main(args)
     try:
         config = config_from_args(args)
     except ValueError as exc:

@@ -113,10 +113,10 @@ async def prepare_completion(
         if isinstance(p, str):
             all_ids.append(await _encode(pool, p, add_special_tokens=True))
         else:
-            bad = next((t for t in p if t >= vocab), None)
-            if bad is not None:
+            top = max(p, default=0)  # one C-level pass
+            if top >= vocab:
                 raise InvalidRequestError(
-                    f"token id {bad} is out of range for a vocabulary of {vocab}", param="prompt"
+                    f"token id {top} is out of range for a vocabulary of {vocab}", param="prompt"
                 )
             all_ids.append(p)
     if any(not ids for ids in all_ids):

@@ -17,11 +17,12 @@ __all__ = ["TimingModel"]
 @dataclass(frozen=True, slots=True)
 class TimingModel:
     speedup: float = 1.0
-    prefill_base_ms: float = 5.0
-    prefill_ms_per_token: float = 0.04
-    prefill_ms_per_token2: float = 1.0e-6
-    decode_base_ms: float = 8.0
-    decode_ms_per_kv_block: float = 0.0025
+    # Dynamo 1.6.1's mocker; see `MockerSettings`.
+    prefill_base_ms: float = 16.50142
+    prefill_ms_per_token: float = 1.518344e-2
+    prefill_ms_per_token2: float = 4.209989e-7
+    decode_base_ms: float = 5.74
+    decode_ms_per_kv_block: float = 8.24e-4
 
     @classmethod
     def from_settings(cls, settings: MockerSettings) -> TimingModel:

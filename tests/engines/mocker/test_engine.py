@@ -441,7 +441,7 @@ async def test_chunked_prefill_and_max_num_seqs(card: ModelCard) -> None:
 
 async def test_slow_consumer_gets_coalesced_outputs(card: ModelCard) -> None:
     # speedup 10: 0.8 ms decode steps; the consumer dawdles 20 ms between reads.
-    async with make_engine(card, speedup=10.0) as engine:
+    async with make_engine(card, speedup=10.0, decode_base_ms=8.0) as engine:
         gen = engine.generate(make_request("r", prompt(18, 10), 50))
         first = await anext(gen)
         await asyncio.sleep(0.02)
@@ -484,7 +484,9 @@ async def test_speedup_makes_it_fast(card: ModelCard) -> None:
 
 async def test_sub_millisecond_steps_keep_their_simulated_rate(card: ModelCard) -> None:
     # 0.1 ms decode steps: 200 tokens take ~20 ms, not 200 timer ticks of 1 ms.
-    async with make_engine(card, speedup=80.0, prefill_base_ms=0, prefill_ms_per_token=0) as engine:
+    async with make_engine(
+        card, speedup=80.0, prefill_base_ms=0, prefill_ms_per_token=0, decode_base_ms=8.0
+    ) as engine:
         t0 = time.perf_counter()
         outs = await collect(engine, make_request("r", prompt(24, 4), 200))
         elapsed = time.perf_counter() - t0

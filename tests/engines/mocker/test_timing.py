@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from dynamo_gateway.engines.mocker.timing import TimingModel
@@ -38,7 +40,8 @@ def test_mixed_step_pays_both() -> None:
 
 
 def test_speedup_divides_and_converts_to_seconds() -> None:
-    fast = TimingModel(speedup=100.0)
+    fast = dataclasses.replace(MODEL, speedup=100.0)
+    assert fast.step_seconds(1000, 400) == pytest.approx(MODEL.step_seconds(1000, 400) / 100)
     assert fast.step_seconds(1000, 400) == pytest.approx(0.055 / 100)
     assert MODEL.step_seconds(0, 400) == pytest.approx(0.009)
 

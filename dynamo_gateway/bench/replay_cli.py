@@ -1,0 +1,158 @@
+"""Command-line glue for ``dynamo-gateway bench replay`` and ``bench replay-plot``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from dynamo_gateway.bench.replay import (
+    ReplayConfig,
+    ReplayResult,
+    format_replay_summary,
+    plot_ttft_cdfs,
+    run_replay,
+    ttfts_from_json,
+)
+from dynamo_gateway.bench.trace import DEFAULT_TRACE_BLOCK_SIZE
+
+__all__ = ["configure_plot_parser", "configure_replay_parser", "main"]
+
+
+def configure_replay_parser(p: argparse.ArgumentParser) -> None:
+    d = ReplayConfig(trace=Path())
+    p.add_argument("--trace", type=Path, required=True, help="Mooncake-format JSONL trace")
+    p.add_argument("--engine", default=d.engine, help=f"engine plugin (default {d.engine})")
+    p.add_argument(
+        "--model", type=Path, default=None, help="model directory (default: the demo model)"
+    )
+    p.add_argument("--workers", type=int, default=d.workers, help="engine workers")
+    p.add_argument("--router", default=d.router, help=f"routing policy (default {d.router})")
+    p.add_argument(
+        "--arrival-speedup",
+        type=float,
+        default=d.arrival_speedup,
+        help="divide the trace's inter-arrival gaps by this (a heavier load)",
+    )
+    p.add_argument(
+        "--speedup",
+        type=float,
+        default=d.speedup,
+        help="run everything this many times faster than real time; results are "
+        "reported in trace time",
+    )
+    p.add_argument(
+        "--trace-block-size",
+        type=int,
+        default=DEFAULT_TRACE_BLOCK_SIZE,
+        help=f"tokens per hash id (default {DEFAULT_TRACE_BLOCK_SIZE})",
+    )
+    p.add_argument("--limit", type=int, default=None, help="replay only the first K requests")
+    p.add_argument(
+        "--max-model-len", type=int, default=None, help="context window (default: fits the trace)"
+    )
+    p.add_argument("--block-size", type=int, default=None, help="engine KV block size")
+    p.add_argument(
+        "--num-kv-blocks",
+        type=int,
+        default=None,
+        help="KV capacity per worker in blocks (default: 1M tokens, like Dynamo's mocker)",
+    )
+    p.add_argument("--seed", type=int, default=d.seed, help="token synthesis seed")
+    p.add_argument(
+        "--timing",
+        choices=("dynamo", "settings"),
+        default=d.timing,
+        help="mocker timing: Dynamo 1.6.1's polynomials (default) or our MockerSettings",
+    )
+    p.add_argument(
+        "--timeout", type=float, default=d.timeout_s, help="per-request limit, wall seconds"
+    )
+    p.add_argument("--json", dest="json_path", metavar="FILE", help="write results as JSON")
+    p.add_argument("--plot", metavar="PNG", help="draw the TTFT CDF (with any --plot-with runs)")
+    p.add_argument(
+        "--plot-with",
+        metavar="JSON",
+        action="append",
+        default=[],
+        help="earlier replay result to draw beside this run (repeatable)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress lines")
+    p.add_argument("--no-uvloop", action="store_true", help="use the default asyncio loop")
+
+
+def configure_plot_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("results", nargs="+", type=Path, help="replay JSON result files")
+    p.add_argument("--out", required=True, help="PNG file to write")
+    p.add_argument("--title", default="", help="plot title")
+
+
+def _label(data: dict[str, Any], path: Path) -> str:
+    if "label" in data:
+        return str(data["label"])
+    if "router" in data:
+        return f"{data['router']} ({data.get('workers', '?')} workers)"
+    return path.stem
+
+
+def _load_results(paths: list[Path]) -> list[tuple[str, list[float]]]:
+    runs = []
+    for path in paths:
+        data = json.loads(path.read_text())
+        runs.append((_label(data, path), ttfts_from_json(data)))
+    return runs
+
+
+def _plot(runs: list[tuple[str, list[float]]], out: str, title: str) -> int:
+    try:
+        plot_ttft_cdfs(runs, out, title)
+    except RuntimeError as exc:
+        print(f"bench: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"plot written to {out}")
+    return 0
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.bench_command == "replay-plot":
+        return _plot(_load_results(args.results), args.out, args.title)
+    config = ReplayConfig(
+        trace=args.trace,
+        model=args.model,
+        engine=args.engine,
+        workers=args.workers,
+        router=args.router,
+        arrival_speedup=args.arrival_speedup,
+        speedup=args.speedup,
+        trace_block_size=args.trace_block_size,
+        limit=args.limit,
+        max_model_len=args.max_model_len,
+        block_size=args.block_size,
+        num_kv_blocks=args.num_kv_blocks,
+        seed=args.seed,
+        timing=args.timing,
+        timeout_s=args.timeout,
+        progress=not args.no_progress,
+    )
+    try:
+        config.validate()
+    except ValueError as exc:
+        print(f"bench: error: {exc}", file=sys.stderr)
+        return 2
+    from dynamo_gateway.bench.cli import _loop_factory
+
+    with asyncio.Runner(loop_factory=_loop_factory(not args.no_uvloop)) as runner:
+        result: ReplayResult = runner.run(run_replay(config))
+    print(format_replay_summary(result), flush=True)
+    if args.json_path:
+        path = Path(args.json_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result.to_json_dict(), indent=1) + "\n")
+    if args.plot:
+        runs = _load_results([Path(p) for p in args.plot_with])
+        runs.append((_label(result.summary, config.trace), ttfts_from_json(result.to_json_dict())))
+        return _plot(runs, args.plot, config.trace.name)
+    return 0
