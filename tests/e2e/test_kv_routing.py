@@ -120,3 +120,26 @@ def test_kv_routing_across_a_distributed_cluster(
     for _ in range(2):
         _first, second = _shared_prefix_pair(fe.url, wait_events=True)
         assert _cached(second) >= 160, (second["usage"], c.logs())
+
+
+def test_router_replica_sync_shares_decisions_between_frontends(
+    cluster: Callable[[str, str], Cluster], tmp_path: Path
+) -> None:
+    """Approximate mode (no KV events): frontend B only knows where frontend A sent
+    a prefix through replica sync, yet routes the same prefix there."""
+    c = cluster(f"file://{tmp_path}/d", f"zmq://{tmp_path}/e")
+    for _ in range(3):
+        c.worker("--speedup", "100")
+    flags = ("--router", "kv", "--no-kv-events", "--router-replica-sync")
+    a, b = c.frontend(*flags), c.frontend(*flags)
+    c.wait_workers(a, 3)
+    c.wait_workers(b, 3)
+    time.sleep(0.5)  # ZMQ subscriptions settle (slow joiner)
+    for i in range(3):
+        prefix = [600 + 7 * i + (j % 300) for j in range(160)]
+        first = _complete(a.url, [*prefix, 1, 2, 3])
+        assert _cached(first) == 0
+        time.sleep(0.5)  # A's RouterSync crosses the event plane to B
+        # No retry: a second try would hit B's own approximate record instead.
+        second = _complete(b.url, [*prefix, 4, 5, 6, 7])
+        assert _cached(second) >= 160, (second["usage"], c.logs())
