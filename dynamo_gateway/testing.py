@@ -212,6 +212,20 @@ def gateway_server(tmp_path: Path, demo_model: Path) -> Iterator[Callable[..., G
         gw.stop()
 
 
+def read_metric(url: str, name: str, **labels: str) -> float:
+    """One sample from ``{url}/metrics`` (Prometheus text): the series called `name`
+    with exactly `labels`; 0.0 if there is none."""
+    with urllib.request.urlopen(f"{url}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    want = {f'{k}="{v}"' for k, v in labels.items()}
+    for line in text.splitlines():
+        head, _, value = line.rpartition(" ")
+        got_name, _, got_labels = head.partition("{")
+        if got_name == name and set(filter(None, got_labels.rstrip("}").split(","))) == want:
+            return float(value)
+    return 0.0
+
+
 # -- distributed clusters ----------------------------------------------------------------
 
 

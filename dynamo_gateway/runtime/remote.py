@@ -19,7 +19,7 @@ import asyncio
 import collections
 import contextlib
 import logging
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 import msgspec
 
@@ -28,13 +28,12 @@ from dynamo_gateway.protocol.engine import EngineOutput, EngineRequest, LoadMetr
 from dynamo_gateway.protocol.kv_events import KvSnapshot
 from dynamo_gateway.router.base import WorkerView
 from dynamo_gateway.runtime.discovery import WorkerRecord
+from dynamo_gateway.runtime.framing import FrameConnection
 from dynamo_gateway.runtime.wire import (
     Call,
     Cancel,
     Fail,
     Frame,
-    FrameCodec,
-    FrameError,
     Out,
     Reply,
     Rpc,
@@ -137,35 +136,22 @@ def _merge(first: EngineOutput, rest: collections.deque[EngineOutput]) -> Engine
     )
 
 
-class _ClientConnection(asyncio.Protocol):
+class _ClientConnection(FrameConnection):
     """One TCP connection to a worker, carrying many streams."""
 
     def __init__(self, worker_id: str) -> None:
+        super().__init__()
         self.worker_id = worker_id
-        self.loop = asyncio.get_running_loop()
         self.streams: dict[int, _Stream] = {}
         self.closed = False
         self._rpcs: dict[int, asyncio.Future[Reply]] = {}
         self._next_id = 1
-        self._codec = FrameCodec()
-        self._transport: asyncio.Transport | None = None
-        self._wbuf = bytearray()
-        self._flush_pending = False
 
     @property
     def load(self) -> int:
         return len(self.streams) + len(self._rpcs)
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
-
-    def data_received(self, data: bytes) -> None:
-        try:
-            frames = self._codec.feed(data)
-        except FrameError as exc:
-            log.warning("request plane: bad data from worker %s: %s", self.worker_id, exc)
-            self.close()
-            return
+    def frames_received(self, frames: list[Frame]) -> None:
         streams = self.streams
         for frame in frames:
             if isinstance(frame, Out):
@@ -209,12 +195,12 @@ class _ClientConnection(asyncio.Protocol):
             stream.fail(WorkerLostError(f"lost the connection to worker {self.worker_id}"))
             return stream
         self.streams[stream.id] = stream
-        self._send(Call(stream.id, request, timeout_s))
+        self.send(Call(stream.id, request, timeout_s))
         return stream
 
     def cancel(self, stream_id: int) -> None:
         if self.streams.pop(stream_id, None) is not None:
-            self._send(Cancel(stream_id))
+            self.send(Cancel(stream_id))
 
     async def rpc(self, method: str, timeout: float) -> Reply:
         if self.closed:
@@ -222,7 +208,7 @@ class _ClientConnection(asyncio.Protocol):
         stream_id = self._new_id()
         future: asyncio.Future[Reply] = self.loop.create_future()
         self._rpcs[stream_id] = future
-        self._send(Rpc(stream_id, method))
+        self.send(Rpc(stream_id, method))
         try:
             return await asyncio.wait_for(future, timeout)
         except TimeoutError:
@@ -231,22 +217,6 @@ class _ClientConnection(asyncio.Protocol):
             ) from None
         finally:
             self._rpcs.pop(stream_id, None)
-
-    def _send(self, frame: Frame) -> None:
-        self._codec.encode(frame, self._wbuf)
-        if not self._flush_pending:
-            self._flush_pending = True
-            self.loop.call_soon(self._flush)
-
-    def _flush(self) -> None:
-        self._flush_pending = False
-        if self._transport is not None and self._wbuf:
-            self._transport.write(bytes(self._wbuf))
-        self._wbuf.clear()
-
-    def close(self) -> None:
-        if self._transport is not None:
-            self._transport.close()
 
 
 class RemoteCall:

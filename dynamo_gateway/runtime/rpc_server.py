@@ -23,18 +23,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Any, cast
+from typing import Any
 
 from dynamo_gateway.engines.base import Engine
 from dynamo_gateway.errors import EngineError
 from dynamo_gateway.protocol.engine import FinishReason
+from dynamo_gateway.runtime.framing import FrameConnection
 from dynamo_gateway.runtime.wire import (
     Call,
     Cancel,
     Fail,
     Frame,
-    FrameCodec,
-    FrameError,
     Out,
     Reply,
     Rpc,
@@ -113,14 +112,10 @@ class RequestPlaneServer:
             self._idle.set()
 
 
-class _ServerConnection(asyncio.Protocol):
+class _ServerConnection(FrameConnection):
     def __init__(self, server: RequestPlaneServer) -> None:
+        super().__init__()
         self._server = server
-        self._codec = FrameCodec()
-        self._transport: asyncio.Transport | None = None
-        self._loop = asyncio.get_running_loop()
-        self._wbuf = bytearray()
-        self._flush_pending = False
         self._writable = asyncio.Event()
         self._writable.set()
         self._tasks: dict[int, asyncio.Task[None]] = {}
@@ -128,16 +123,10 @@ class _ServerConnection(asyncio.Protocol):
     # -- asyncio.Protocol ---------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        super().connection_made(transport)
         self._server._conns.add(self)
 
-    def data_received(self, data: bytes) -> None:
-        try:
-            frames = self._codec.feed(data)
-        except FrameError as exc:
-            log.warning("request plane: closing a connection: %s", exc)
-            self._abort_transport()
-            return
+    def frames_received(self, frames: list[Frame]) -> None:
         for frame in frames:
             self._dispatch(frame)
 
@@ -159,18 +148,18 @@ class _ServerConnection(asyncio.Protocol):
     def _dispatch(self, frame: Frame) -> None:
         if isinstance(frame, Call):
             if frame.stream in self._tasks:
-                self._send(Fail(frame.stream, "stream id already in use"))
+                self.send(Fail(frame.stream, "stream id already in use"))
             elif self._server.draining:
-                self._send(Fail(frame.stream, "worker is draining", retryable=True))
+                self.send(Fail(frame.stream, "worker is draining", retryable=True))
             else:
                 self._server._stream_started()
-                self._tasks[frame.stream] = self._loop.create_task(self._generate(frame))
+                self._tasks[frame.stream] = self.loop.create_task(self._generate(frame))
         elif isinstance(frame, Cancel):
             task = self._tasks.get(frame.stream)
             if task is not None:
                 task.cancel()
         elif isinstance(frame, Rpc):
-            self._loop.create_task(self._rpc(frame))
+            self.loop.create_task(self._rpc(frame))
         else:
             log.warning("request plane: unexpected %s frame from a frontend", type(frame).__name__)
 
@@ -184,24 +173,24 @@ class _ServerConnection(asyncio.Protocol):
             async with asyncio.timeout(call.timeout_s):
                 async for out in outputs:
                     if out.finish_reason is FinishReason.ABORT and server.stopping:
-                        self._send(Fail(stream, "worker is shutting down", retryable=True))
+                        self.send(Fail(stream, "worker is shutting down", retryable=True))
                         return
-                    self._send(Out(stream, out))
+                    self.send(Out(stream, out))
                     if out.finish_reason is not None:
                         return
                     if not self._writable.is_set():
                         await self._writable.wait()
-            self._send(Fail(stream, "engine stream ended without a finish reason"))
+            self.send(Fail(stream, "engine stream ended without a finish reason"))
         except TimeoutError:
-            self._send(Fail(stream, f"request deadline of {call.timeout_s} s exceeded"))
+            self.send(Fail(stream, f"request deadline of {call.timeout_s} s exceeded"))
         except EngineError as exc:
             # An engine that stopped or failed as a whole: another worker may do better.
-            self._send(Fail(stream, str(exc), retryable=server.stopping))
+            self.send(Fail(stream, str(exc), retryable=server.stopping))
         except asyncio.CancelledError:
             pass  # Cancel frame or lost connection: nobody is waiting for an answer
         except Exception as exc:  # a bug in the engine; the stream, not the worker, ends
             log.exception("request plane: stream %d failed", stream)
-            self._send(Fail(stream, f"worker error: {exc!r}"))
+            self.send(Fail(stream, f"worker error: {exc!r}"))
         finally:
             aclose = getattr(outputs, "aclose", None)
             if aclose is not None:
@@ -226,35 +215,17 @@ class _ServerConnection(asyncio.Protocol):
                 result = snapshot()
             else:
                 raise EngineError(f"unknown method {rpc.method!r}")
-            self._send(Reply(rpc.stream, encode_result(result)))
+            self.send(Reply(rpc.stream, encode_result(result)))
         except Exception as exc:
-            self._send(Reply(rpc.stream, error=str(exc) or repr(exc)))
+            self.send(Reply(rpc.stream, error=str(exc) or repr(exc)))
 
     # -- writing ----------------------------------------------------------------------------
-
-    def _send(self, frame: Frame) -> None:
-        if self._transport is None:
-            return
-        self._codec.encode(frame, self._wbuf)
-        if not self._flush_pending:
-            self._flush_pending = True
-            self._loop.call_soon(self._flush)
-
-    def _flush(self) -> None:
-        self._flush_pending = False
-        if self._transport is not None and self._wbuf:
-            self._transport.write(bytes(self._wbuf))
-        self._wbuf.clear()
-
-    def _abort_transport(self) -> None:
-        if self._transport is not None:
-            self._transport.abort()
 
     async def shutdown(self) -> None:
         """Let the streams send their retryable `Fail`, flush, and close."""
         tasks = list(self._tasks.values())
         if tasks:
             await asyncio.wait(tasks, timeout=2.0)
-        self._flush()
+        self.flush()
         if self._transport is not None:
             self._transport.close()

@@ -19,7 +19,7 @@ import httpx
 
 from dynamo_gateway.servers.etcd import EtcdServer
 from dynamo_gateway.servers.nats import NatsServer
-from dynamo_gateway.testing import Cluster, ClusterProcess
+from dynamo_gateway.testing import Cluster, ClusterProcess, read_metric
 
 MakeCluster = Callable[[str, str], Cluster]
 
@@ -99,19 +99,6 @@ def get_json(url: str) -> dict[str, object]:
         return dict(json.loads(exc.read()))
 
 
-def metric(url: str, name: str, **labels: str) -> float:
-    """One sample of a Prometheus text exposition (0 if absent)."""
-    with urllib.request.urlopen(f"{url}/metrics", timeout=5) as resp:
-        text = resp.read().decode()
-    want = {f'{k}="{v}"' for k, v in labels.items()}
-    for line in text.splitlines():
-        head, _, value = line.rpartition(" ")
-        got_name, _, got_labels = head.partition("{")
-        if got_name == name and set(filter(None, got_labels.rstrip("}").split(","))) == want:
-            return float(value)
-    return 0.0
-
-
 def served(worker: ClusterProcess) -> float:
     """Requests a worker finished, from its own status endpoint."""
     status = next(
@@ -119,7 +106,7 @@ def served(worker: ClusterProcess) -> float:
         for line in worker.log().splitlines()
         if line.startswith("dynamo-gateway worker ")
     )
-    return metric(
+    return read_metric(
         status, "dynamo_gateway_worker_requests_served", worker_id=worker.worker_id, model="demo"
     )
 
@@ -154,10 +141,10 @@ async def test_etcd_nats_cluster_scales_out_and_drains(
 
     assert_complete(await run_requests(fe.url, 12, 16), 16)
     assert all(served(w) >= 1 for w in workers), c.logs()
-    assert metric(fe.url, "dynamo_gateway_workers", model="demo", role="aggregated") == 3
+    assert read_metric(fe.url, "dynamo_gateway_workers", model="demo", role="aggregated") == 3
     # KV events of every worker reach the frontend over NATS.
     wait_until(
-        lambda: metric(fe.url, "dynamo_gateway_kv_events_total", model="demo") > 0,
+        lambda: read_metric(fe.url, "dynamo_gateway_kv_events_total", model="demo") > 0,
         10,
         "no KV events reached the frontend",
     )
@@ -229,7 +216,7 @@ async def test_kill9_worker_mid_stream_migrates_every_request(
 
     assert_complete(results, max_tokens)
     assert [r.text for r in results] == [e.text for e in expected]
-    assert metric(fe.url, "dynamo_gateway_migrations_total", model="demo") >= 1, c.logs()
+    assert read_metric(fe.url, "dynamo_gateway_migrations_total", model="demo") >= 1, c.logs()
 
 
 async def test_cluster_survives_etcd_and_nats_restarts(
@@ -249,10 +236,10 @@ async def test_cluster_survives_etcd_and_nats_restarts(
     c.worker("--speedup", "20")
     c.wait_workers(fe, 2, timeout=30)
     # And the event plane carries KV events again (counted by the frontend).
-    before = metric(fe.url, "dynamo_gateway_kv_events_total", model="demo")
+    before = read_metric(fe.url, "dynamo_gateway_kv_events_total", model="demo")
     assert_complete(await run_requests(fe.url, 4, 40, prefix="kv"), 40)
     wait_until(
-        lambda: metric(fe.url, "dynamo_gateway_kv_events_total", model="demo") > before,
+        lambda: read_metric(fe.url, "dynamo_gateway_kv_events_total", model="demo") > before,
         15,
         "no KV events after the NATS restart",
     )
@@ -289,7 +276,7 @@ async def test_single_host_file_and_zmq_without_servers(
     assert_complete(await run_requests(fe.url, 8, 24), 24)
     assert served(first) >= 1 and served(second) >= 1
     wait_until(
-        lambda: metric(fe.url, "dynamo_gateway_kv_events_total", model="demo") > 0,
+        lambda: read_metric(fe.url, "dynamo_gateway_kv_events_total", model="demo") > 0,
         10,
         "no KV events over ZMQ",
     )

@@ -8,14 +8,13 @@ its KV blocks and reports them as cached; with `round_robin` it does not.
 from __future__ import annotations
 
 import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from dynamo_gateway.testing import Cluster, GatewayProcess
+from dynamo_gateway.testing import Cluster, GatewayProcess, read_metric
 
 PREFIX = [100 + (i % 500) for i in range(160)]  # 10 blocks of 16 tokens
 
@@ -33,21 +32,9 @@ def _cached(response: dict[str, Any]) -> int:
     return int(details.get("cached_tokens") or 0)
 
 
-def _metric(url: str, name: str, **labels: str) -> float:
-    with urllib.request.urlopen(f"{url}/metrics", timeout=5) as resp:
-        text = resp.read().decode()
-    want = {f'{k}="{v}"' for k, v in labels.items()}
-    for line in text.splitlines():
-        head, _, value = line.rpartition(" ")
-        got_name, _, got_labels = head.partition("{")
-        if got_name == name and set(filter(None, got_labels.rstrip("}").split(","))) == want:
-            return float(value)
-    return 0.0
-
-
 def _wait_for_kv_events(url: str, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
-    while _metric(url, "dynamo_gateway_kv_events_total", model="demo") <= 0:
+    while read_metric(url, "dynamo_gateway_kv_events_total", model="demo") <= 0:
         if time.monotonic() > deadline:
             raise TimeoutError("no KV event reached the router")
         time.sleep(0.05)
@@ -69,10 +56,10 @@ def test_kv_router_sends_a_shared_prefix_to_the_worker_that_caches_it(
     assert _cached(first) == 0
     assert _cached(second) >= 160, second["usage"]
     # The router's own view, on /metrics: 2 decisions, the second a prefix hit.
-    assert _metric(gw.url, "dynamo_gateway_router_decisions_total", model="demo") == 2
-    assert _metric(gw.url, "dynamo_gateway_router_matched_blocks_total", model="demo") >= 10
-    assert 0 < _metric(gw.url, "dynamo_gateway_router_prefix_hit_rate", model="demo") < 1
-    assert _metric(gw.url, "dynamo_gateway_router_indexer_blocks", model="demo") >= 10
+    assert read_metric(gw.url, "dynamo_gateway_router_decisions_total", model="demo") == 2
+    assert read_metric(gw.url, "dynamo_gateway_router_matched_blocks_total", model="demo") >= 10
+    assert 0 < read_metric(gw.url, "dynamo_gateway_router_prefix_hit_rate", model="demo") < 1
+    assert read_metric(gw.url, "dynamo_gateway_router_indexer_blocks", model="demo") >= 10
 
 
 def test_round_robin_sends_the_second_request_elsewhere(

@@ -159,7 +159,7 @@ async def drain(stream: AsyncIterator[EngineOutput]) -> list[EngineOutput]:
 def abort_connections(server: RequestPlaneServer) -> None:
     """A worker crash as the frontend sees it: every connection drops at once."""
     for conn in list(server._conns):
-        conn._abort_transport()
+        conn.abort()
 
 
 def assert_one_finish(outs: Sequence[EngineOutput], reason: FinishReason) -> None:
