@@ -151,7 +151,10 @@ class KvRouterSettings(BaseModel):
     """`[kv_router]`: the `kv` routing policy (KV-cache overlap and load)."""
 
     overlap_weight: float = Field(
-        1.0, ge=0, description="cost = overlap_weight * prefill_blocks + decode_blocks"
+        2.0,
+        ge=0,
+        description="cost = overlap_weight * prefill_blocks + decode_blocks (Dynamo: 1.0; "
+        "2.0 measured best on the Mooncake replays, docs/benchmarks.md)",
     )
     temperature: float = Field(
         0.0, ge=0, description="0: argmin of the cost; above 0: softmax sampling over it"
