@@ -21,16 +21,10 @@ It prints a markdown table and writes everything to ``--json``. Example::
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
 import importlib.util
-import json
 import os
 import platform
-import resource
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,49 +33,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # runnable from a checkout without installing
     sys.path.insert(0, str(REPO_ROOT))
 
-from dynamo_gateway.bench.httpclient import fetch  # noqa: E402
+from dynamo_gateway.bench import procs  # noqa: E402
+from dynamo_gateway.bench.procs import free_port, gateway_base_cmd  # noqa: E402
 
 DEFAULT_JSON = REPO_ROOT / "benchmarks" / "results" / "frontend_overhead.json"
 SERVED_MODEL_NAME = "bench"
 
 
-def log(msg: str) -> None:
-    """Progress output (stderr, so stdout stays the result table)."""
-    print(f"[frontend_overhead {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    """A currently free TCP port on 127.0.0.1 (the tiny reuse race is acceptable here)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
-
-
-def subprocess_env() -> dict[str, str]:
-    """Environment for children: the checkout importable, unbuffered output."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
-def gateway_base_cmd(override: str | None) -> list[str]:
-    """How to invoke the ``dynamo-gateway`` command."""
-    if override:
-        return override.split()
-    exe = shutil.which("dynamo-gateway") or str(Path(sys.executable).parent / "dynamo-gateway")
-    if Path(exe).exists():
-        return [exe]
-    # Not installed as a console script: call the entry point the script would call.
-    code = "import sys; from dynamo_gateway.cli import main; sys.exit(main())"
-    return [sys.executable, "-c", code]
+log = procs.make_log("frontend_overhead")  # progress output on stderr
 
 
 @dataclass
@@ -101,69 +64,37 @@ class Target:
 
     def start(self, timeout: float) -> None:
         log(f"starting {self.name} ({self.server}) on port {self.port}: {' '.join(self.cmd)}")
-        with self.log_path.open("wb") as out:
-            # A new session so the whole tree (gateway workers included) can be stopped.
-            self.proc = subprocess.Popen(
-                self.cmd,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=subprocess_env(),
-                cwd=REPO_ROOT,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"{self.name} ({self.server}) exited with {self.proc.returncode}:\n"
-                    + self.log_tail()
-                )
-            with contextlib.suppress(OSError, TimeoutError, ConnectionError):
-                status, _ = asyncio.run(fetch(f"{self.url}/ready", timeout=2.0))
-                if status == 200:
-                    log(f"{self.name} ({self.server}) ready")
-                    return
-            time.sleep(0.25)
+        # A new session so the whole tree (gateway workers included) can be stopped.
+        self.proc = procs.start_process(self.cmd, self.log_path, REPO_ROOT)
+        ready, _ = procs.poll_ready(self.url, timeout, self._check_alive)
+        if ready:
+            log(f"{self.name} ({self.server}) ready")
+            return
         raise RuntimeError(
             f"{self.name} ({self.server}) not ready after {timeout:.0f}s:\n" + self.log_tail()
         )
 
+    def _check_alive(self) -> None:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise RuntimeError(
+                f"{self.name} ({self.server}) exited with {self.proc.returncode}:\n"
+                + self.log_tail()
+            )
+
     def cpu_seconds(self) -> float:
         """User + system CPU of the process tree (reaped descendants included)."""
-        if self.proc is None:
-            return 0.0
-        try:
-            root = psutil.Process(self.proc.pid)
-            procs = [root, *root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            return 0.0
-        total = 0.0
-        for p in procs:
-            with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
-                t = p.cpu_times()
-                total += t.user + t.system + t.children_user + t.children_system
-        return total
+        return procs.tree_cpu_seconds(self.proc)
 
     def stop(self) -> None:
         proc = self.proc
         if proc is None or proc.poll() is not None:
             return
         log(f"stopping {self.name} ({self.server})")
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=15)
+        procs.signal_group(proc, signal.SIGTERM)
+        procs.wait_or_kill(proc, 15)
 
     def log_tail(self, n: int = 40) -> str:
-        try:
-            lines = self.log_path.read_text(errors="replace").splitlines()
-        except OSError:
-            return ""
-        return "\n".join(lines[-n:])
+        return procs.log_tail(self.log_path, n)
 
 
 def make_target(name: str, server: str, args: argparse.Namespace, workdir: Path) -> Target:
@@ -213,42 +144,17 @@ def run_client(
     concurrency: int | None = None,
 ) -> tuple[dict[str, Any] | None, float, str]:
     """Run the load generator as a subprocess; returns (result JSON, its CPU s, stdout)."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "dynamo_gateway.bench.cli",
-        "--url",
+    return procs.run_load_client(
         target.url,
-        "--model",
-        SERVED_MODEL_NAME,
-        "--concurrency",
-        str(concurrency or args.concurrency),
-        "--requests",
-        str(requests),
-        "--input-tokens",
-        str(args.input_tokens),
-        "--output-tokens",
-        str(args.output_tokens),
-        "--no-progress",
-    ]
-    if json_path is not None:
-        cmd += ["--json", str(json_path)]
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    done = subprocess.run(
-        cmd,
-        env=subprocess_env(),
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
+        model=SERVED_MODEL_NAME,
+        concurrency=concurrency or args.concurrency,
+        requests=requests,
+        input_tokens=args.input_tokens,
+        output_tokens=args.output_tokens,
+        json_path=json_path,
         timeout=args.client_timeout,
-        check=False,
+        repo_root=REPO_ROOT,
     )
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    if done.returncode != 0:
-        raise RuntimeError(f"load generator failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    result = json.loads(json_path.read_text()) if json_path is not None else None
-    return result, cpu, done.stdout
 
 
 def measure(target: Target, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
@@ -377,13 +283,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", type=Path, help="model directory (required for gateway targets)")
     p.add_argument("--targets", default="floor,gateway", help="comma list: floor,gateway")
     p.add_argument("--servers", default=",".join(default_servers), help="hypercorn,uvicorn")
-    p.add_argument("--requests", type=int, default=2000)
-    p.add_argument("--concurrency", type=int, default=64)
-    p.add_argument("--output-tokens", type=int, default=100)
-    p.add_argument("--input-tokens", type=int, default=128)
-    p.add_argument("--speedup", type=float, default=1000.0, help="mocker speedup")
-    p.add_argument("--workers", type=int, default=1, help="gateway workers")
-    p.add_argument("--warmup-requests", type=int, default=200)
+    procs.add_load_args(p, requests=2000, workers=1, workers_help="gateway workers", warmup=200)
     p.add_argument(
         "--probe-requests",
         type=int,
@@ -434,12 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table, flush=True)
     report = {
         "config": {
-            "requests": args.requests,
-            "concurrency": args.concurrency,
-            "output_tokens": args.output_tokens,
-            "input_tokens": args.input_tokens,
-            "speedup": args.speedup,
-            "workers": args.workers,
+            **procs.load_config(args),
             "model": str(args.model) if args.model else None,
             "targets": args.target_list,
             "servers": args.server_list,
@@ -454,9 +349,7 @@ def main(argv: list[str] | None = None) -> int:
         "failures": failures,
         "table_markdown": table,
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2) + "\n")
-    log(f"results written to {args.json}")
+    procs.write_report(args.json, report, log)
     return 1 if failures else 0
 
 

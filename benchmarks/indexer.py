@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import platform
 import random
 import statistics
@@ -42,6 +41,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # runnable from a checkout without installing
     sys.path.insert(0, str(REPO_ROOT))
 
+from dynamo_gateway.bench import procs  # noqa: E402
 from dynamo_gateway.kv.hashing import sequence_hashes  # noqa: E402
 from dynamo_gateway.kv.indexer import RadixIndexer  # noqa: E402
 from dynamo_gateway.protocol.kv_events import BlockRemoved, BlockStored, KvEvent  # noqa: E402
@@ -50,8 +50,7 @@ DEFAULT_JSON = REPO_ROOT / "benchmarks" / "results" / "indexer.json"
 BLOCK_SIZE = 16
 
 
-def log(msg: str) -> None:
-    print(f"[indexer {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+log = procs.make_log("indexer")  # progress output on stderr
 
 
 def rand_hashes(rng: random.Random, n: int) -> list[int]:
@@ -336,8 +335,7 @@ def main(argv: list[str] | None = None) -> None:
         "find_matches": matches,
         "hashing": hashing,
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2) + "\n")
+    procs.write_json(args.json, report)
     log(f"wrote {args.json}")
 
 

@@ -29,15 +29,12 @@ It prints a markdown table (medians over the repeats) and writes every raw numbe
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import os
 import platform
-import resource
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -53,44 +50,21 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # runnable from a checkout without installing
     sys.path.insert(0, str(REPO_ROOT))
 
-from dynamo_gateway.bench.httpclient import fetch  # noqa: E402
+from dynamo_gateway.bench import procs  # noqa: E402
+from dynamo_gateway.bench.procs import free_port, gateway_base_cmd  # noqa: E402
+from dynamo_gateway.servers.process import ServerProcess  # noqa: E402
 
 DEFAULT_JSON = REPO_ROOT / "benchmarks" / "results" / "request_plane.json"
 SERVED_MODEL_NAME = "bench"
 TARGET_RATIO = 0.75  # the issue's goal: distributed keeps >= 75% of embedded throughput
 
 
-def log(msg: str) -> None:
-    """Progress output (stderr, so stdout stays the result table)."""
-    print(f"[request_plane {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    """A currently free TCP port on 127.0.0.1 (the tiny reuse race is acceptable here)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
+log = procs.make_log("request_plane")  # progress output on stderr
 
 
 def subprocess_env() -> dict[str, str]:
     """Environment for children: the checkout importable, unbuffered output."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
-def gateway_base_cmd(override: str | None) -> list[str]:
-    """How to invoke the ``dynamo-gateway`` command."""
-    if override:
-        return override.split()
-    exe = shutil.which("dynamo-gateway") or str(Path(sys.executable).parent / "dynamo-gateway")
-    if Path(exe).exists():
-        return [exe]
-    # Not installed as a console script: call the entry point the script would call.
-    code = "import sys; from dynamo_gateway.cli import main; sys.exit(main())"
-    return [sys.executable, "-c", code]
+    return procs.subprocess_env(REPO_ROOT)
 
 
 # -- processes ---------------------------------------------------------------------------
@@ -108,16 +82,9 @@ class Proc:
 
     def start(self) -> None:
         log(f"starting {self.name}: {' '.join(self.cmd)}")
-        with self.log_path.open("wb") as out:
-            self.popen = subprocess.Popen(
-                self.cmd,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=subprocess_env(),
-                cwd=REPO_ROOT,
-                start_new_session=True,
-            )
+        self.popen = procs.start_process(
+            self.cmd, self.log_path, REPO_ROOT, stdin=subprocess.DEVNULL
+        )
 
     def check_alive(self) -> None:
         if self.popen is not None and self.popen.poll() is not None:
@@ -127,41 +94,23 @@ class Proc:
 
     def cpu_seconds(self) -> float:
         """User + system CPU of the process tree (reaped descendants included)."""
-        if self.popen is None:
-            return 0.0
-        try:
-            root = psutil.Process(self.popen.pid)
-            procs = [root, *root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            return 0.0
-        total = 0.0
-        for p in procs:
-            with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
-                t = p.cpu_times()
-                total += t.user + t.system + t.children_user + t.children_system
-        return total
+        return procs.tree_cpu_seconds(self.popen)
 
     def signal(self, sig: int) -> None:
         if self.popen is not None and self.popen.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.popen.pid, sig)
+            procs.signal_group(self.popen, sig)
 
     def wait(self, timeout: float) -> None:
         if self.popen is None or self.popen.poll() is not None:
             return
-        try:
-            self.popen.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            log(f"{self.name} did not stop in {timeout:.0f}s: killing it")
-            self.signal(signal.SIGKILL)
-            self.popen.wait(timeout=15)
+        procs.wait_or_kill(
+            self.popen,
+            timeout,
+            on_timeout=lambda: log(f"{self.name} did not stop in {timeout:.0f}s: killing it"),
+        )
 
     def log_tail(self, n: int = 40) -> str:
-        try:
-            lines = self.log_path.read_text(errors="replace").splitlines()
-        except OSError:
-            return ""
-        return "\n".join(lines[-n:])
+        return procs.log_tail(self.log_path, n)
 
 
 @dataclass
@@ -182,21 +131,20 @@ class Deployment:
         # Workers first: the frontend finds them through discovery.
         for p in self.procs:
             p.start()
-        deadline = time.monotonic() + timeout
-        body = b""
-        while time.monotonic() < deadline:
-            for p in self.procs:
-                p.check_alive()
-            with contextlib.suppress(OSError, TimeoutError, ConnectionError):
-                status, body = asyncio.run(fetch(f"{self.url}/ready", timeout=2.0))
-                if status == 200 and self._all_workers_known(body):
-                    log(f"{self.mode} ready: {body.decode(errors='replace')}")
-                    return
-            time.sleep(0.25)
+        ready, body = procs.poll_ready(
+            self.url, timeout, self._check_alive, accept=self._all_workers_known
+        )
+        if ready:
+            log(f"{self.mode} ready: {body.decode(errors='replace')}")
+            return
         tails = "\n".join(f"--- {p.name}\n{p.log_tail()}" for p in self.procs)
         raise RuntimeError(
             f"{self.mode} not ready after {timeout:.0f}s (last /ready: {body!r}):\n{tails}"
         )
+
+    def _check_alive(self) -> None:
+        for p in self.procs:
+            p.check_alive()
 
     def _all_workers_known(self, body: bytes) -> bool:
         try:
@@ -287,42 +235,17 @@ def run_client(
     json_path: Path | None,
 ) -> tuple[dict[str, Any] | None, float, str]:
     """Run the load generator as a subprocess; returns (result JSON, its CPU s, stdout)."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "dynamo_gateway.bench.cli",
-        "--url",
+    return procs.run_load_client(
         dep.url,
-        "--model",
-        SERVED_MODEL_NAME,
-        "--concurrency",
-        str(args.concurrency),
-        "--requests",
-        str(requests),
-        "--input-tokens",
-        str(args.input_tokens),
-        "--output-tokens",
-        str(args.output_tokens),
-        "--no-progress",
-    ]
-    if json_path is not None:
-        cmd += ["--json", str(json_path)]
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    done = subprocess.run(
-        cmd,
-        env=subprocess_env(),
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
+        model=SERVED_MODEL_NAME,
+        concurrency=args.concurrency,
+        requests=requests,
+        input_tokens=args.input_tokens,
+        output_tokens=args.output_tokens,
+        json_path=json_path,
         timeout=args.client_timeout,
-        check=False,
+        repo_root=REPO_ROOT,
     )
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    if done.returncode != 0:
-        raise RuntimeError(f"load generator failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    result = json.loads(json_path.read_text()) if json_path is not None else None
-    return result, cpu, done.stdout
 
 
 def measure(dep: Deployment, args: argparse.Namespace, workdir: Path, run_tag: str) -> dict:
@@ -556,13 +479,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--etcd", action="store_true", help="add a mode with etcd discovery")
     p.add_argument("--nats", action="store_true", help="add a mode with NATS events")
     p.add_argument("--repeat", type=int, default=1, help="rounds (modes alternate)")
-    p.add_argument("--requests", type=int, default=1280)
-    p.add_argument("--concurrency", type=int, default=64)
-    p.add_argument("--output-tokens", type=int, default=100)
-    p.add_argument("--input-tokens", type=int, default=128)
-    p.add_argument("--speedup", type=float, default=1000.0, help="mocker speedup")
-    p.add_argument("--workers", type=int, default=2, help="mocker workers")
-    p.add_argument("--warmup-requests", type=int, default=256)
+    procs.add_load_args(p, requests=1280, workers=2, workers_help="mocker workers", warmup=256)
     p.add_argument("--startup-timeout", type=float, default=60.0)
     p.add_argument("--client-timeout", type=float, default=900.0)
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
@@ -612,22 +529,20 @@ def main(argv: list[str] | None = None) -> int:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="request_plane-")))
         if args.model is None:
             args.model = build_demo_model(args, workdir)
+        servers: list[tuple[str, ServerProcess]] = []
         if args.etcd:
             from dynamo_gateway.servers.etcd import EtcdServer
 
-            etcd = EtcdServer(workdir / "etcd")
-            etcd.start()
-            stack.callback(etcd.stop)
-            planes["discovery"] = etcd.url
-            log(f"etcd at {etcd.url}")
+            servers.append(("discovery", EtcdServer(workdir / "etcd")))
         if args.nats:
             from dynamo_gateway.servers.nats import NatsServer
 
-            nats = NatsServer(workdir / "nats")
-            nats.start()
-            stack.callback(nats.stop)
-            planes["events"] = nats.url
-            log(f"nats at {nats.url}")
+            servers.append(("events", NatsServer(workdir / "nats")))
+        for plane, server in servers:
+            server.start()
+            stack.callback(server.stop)
+            planes[plane] = server.url
+            log(f"{server.name} at {server.url}")
         for rnd in range(args.repeat):
             # Alternate the order so drift (thermal, neighbours) does not favour one mode.
             order = args.mode_list if rnd % 2 == 0 else list(reversed(args.mode_list))
@@ -657,12 +572,7 @@ def main(argv: list[str] | None = None) -> int:
         "config": {
             "modes": args.mode_list,
             "repeat": args.repeat,
-            "requests": args.requests,
-            "concurrency": args.concurrency,
-            "output_tokens": args.output_tokens,
-            "input_tokens": args.input_tokens,
-            "speedup": args.speedup,
-            "workers": args.workers,
+            **procs.load_config(args),
             "warmup_requests": max(2 * args.concurrency, args.warmup_requests),
             "model": str(args.model),
             "planes": planes,
@@ -681,9 +591,7 @@ def main(argv: list[str] | None = None) -> int:
         "failures": failures,
         "table_markdown": table,
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2) + "\n")
-    log(f"results written to {args.json}")
+    procs.write_report(args.json, report, log)
     return 1 if failures else 0
 
 

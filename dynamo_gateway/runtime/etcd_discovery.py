@@ -197,6 +197,9 @@ class EtcdDiscovery:
                     return
                 watch = await client.watch_prefix(self.prefix, start_revision=revision + 1)
                 self._watches.add(watch)
+                # aetcd waits for the watch with asyncio.wait_for, which on 3.11 drops a
+                # cancellation that lands as the watch is created (bpo-42130).
+                _raise_if_cancelling()
                 if failing:
                     log.info("etcd watch on %s resumed", self.url)
                     failing = False
@@ -217,8 +220,12 @@ class EtcdDiscovery:
                         announced[key] = put
                         yield DiscoveryEvent(ChangeKind.PUT, put)
                 # The iterator ends quietly when the watch is cancelled (aclose) or
-                # the client shuts down; anything else is a broken stream.
+                # the client shuts down; anything else is a broken stream. It also
+                # swallows a cancellation of the task iterating it: re-raise that,
+                # or a cancelled consumer would wait here forever.
+                _raise_if_cancelling()
             except self._errors as exc:
+                _raise_if_cancelling()
                 if not failing:
                     log.warning("etcd watch on %s broke (%s); reconnecting", self.url, exc)
                     failing = True
@@ -291,6 +298,7 @@ class EtcdDiscovery:
             async with self._lock:
                 await self._sync(refresh=False)
         except self._errors as exc:
+            _raise_if_cancelling()
             log.warning("etcd update on %s failed (%s); the keep-alive retries", self.url, exc)
             self._wake.set()
 
@@ -331,7 +339,9 @@ class EtcdDiscovery:
             try:
                 async with self._lock:
                     await self._sync(refresh=True)
+                _raise_if_cancelling()  # see _raise_if_cancelling: wait_for may drop it
             except self._errors as exc:
+                _raise_if_cancelling()
                 if not failing:
                     log.warning("etcd keep-alive on %s failed (%s); retrying", self.url, exc)
                     failing = True
@@ -347,6 +357,20 @@ class EtcdDiscovery:
         # Best effort: after client.close() aetcd's cancel fails on its torn-down watcher.
         with contextlib.suppress(Exception):
             await asyncio.wait_for(watch.cancel(), 1.0)
+
+
+def _raise_if_cancelling() -> None:
+    """Re-raise a cancellation of this task that the client lost or turned into an error.
+
+    grpc reports a call interrupted by cancelling its awaiting task as an RPC error
+    (CANCELLED), which aetcd turns into `ClientError`, and aetcd's internal
+    `asyncio.wait_for` can drop a cancellation altogether (Python 3.11). Retried
+    like a broken connection, either would swallow the cancellation and the
+    canceller would wait forever.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 async def _sleep(seconds: float, event: asyncio.Event) -> None:

@@ -22,6 +22,7 @@ from typing import Protocol, TypeVar, runtime_checkable
 import msgspec
 
 from dynamo_gateway.protocol.engine import LoadMetrics
+from dynamo_gateway.runtime._events_common import CLOSE, close_queues, put_dropping_oldest
 
 T = TypeVar("T", bound=msgspec.Struct)
 
@@ -81,10 +82,8 @@ class MemoryEventPlane:
 
     def publish(self, topic: str, message: msgspec.Struct) -> None:
         for queue in self._subs.get(topic, ()):
-            if queue.full():
-                queue.get_nowait()
+            if put_dropping_oldest(queue, message):
                 self.dropped += 1
-            queue.put_nowait(message)
 
     async def subscribe(self, topic: str, type: type[T]) -> AsyncIterator[T]:
         queue: asyncio.Queue[object] = asyncio.Queue(self._max_queue)
@@ -93,7 +92,7 @@ class MemoryEventPlane:
         try:
             while not self._closed:
                 message = await queue.get()
-                if message is _CLOSE:
+                if message is CLOSE:
                     break
                 if isinstance(message, type):
                     yield message
@@ -103,10 +102,4 @@ class MemoryEventPlane:
     async def aclose(self) -> None:
         self._closed = True
         for subs in self._subs.values():
-            for queue in subs:
-                if queue.full():
-                    queue.get_nowait()
-                queue.put_nowait(_CLOSE)
-
-
-_CLOSE = object()
+            close_queues(subs)

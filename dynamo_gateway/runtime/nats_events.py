@@ -21,10 +21,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import time
 from collections import deque
 from collections.abc import AsyncIterator
-from contextlib import suppress
+from contextlib import aclosing, suppress
 from functools import lru_cache
 from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
@@ -36,6 +35,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from dynamo_gateway.errors import ConfigError
+from dynamo_gateway.runtime import _events_common as common
 
 T = TypeVar("T", bound=msgspec.Struct)
 
@@ -88,29 +88,6 @@ def parse_nats_url(url: str) -> tuple[list[str], str]:
     return servers, namespace
 
 
-class _RateLimitedLog:
-    """Logs a recurring warning at most once per `interval_s`, with a count of the rest."""
-
-    def __init__(self, interval_s: float = 10.0) -> None:
-        self.interval_s = interval_s
-        self._last = -float("inf")
-        self._suppressed = 0
-
-    def warning(self, msg: str, *args: object) -> None:
-        now = time.monotonic()
-        if now - self._last < self.interval_s:
-            self._suppressed += 1
-            return
-        if self._suppressed:
-            msg += f" (and {self._suppressed} more since the last report)"
-        self._last = now
-        self._suppressed = 0
-        log.warning(msg, *args, stacklevel=2)
-
-
-_CLOSE = object()
-
-
 class NatsEventPlane:
     """Event plane over a NATS server (or cluster); see the module docstring."""
 
@@ -142,9 +119,9 @@ class NatsEventPlane:
         self._flusher: asyncio.Task[None] | None = None
         self._queues: set[asyncio.Queue[object]] = set()
         self._closed = False
-        self._drop_log = _RateLimitedLog()
-        self._decode_log = _RateLimitedLog()
-        self._error_log = _RateLimitedLog()
+        self._drop_log = common.RateLimitedLog(log)
+        self._decode_log = common.RateLimitedLog(log)
+        self._error_log = common.RateLimitedLog(log)
         self.dropped = 0
         """Messages this plane failed to publish (outbox full, connection down too long)."""
         self.dropped_received = 0
@@ -202,10 +179,7 @@ class NatsEventPlane:
         if self._closed:
             return
         self._closed = True
-        for queue in self._queues:
-            if queue.full():
-                queue.get_nowait()
-            queue.put_nowait(_CLOSE)
+        common.close_queues(self._queues)
         nc, self._nc = self._nc, None
         flusher, self._flusher = self._flusher, None
         if flusher is not None:
@@ -274,10 +248,8 @@ class NatsEventPlane:
         queue: asyncio.Queue[object] = asyncio.Queue(self._max_queue)
 
         async def on_message(msg: Msg) -> None:
-            if queue.full():
-                queue.get_nowait()
+            if common.put_dropping_oldest(queue, msg.data):
                 self.dropped_received += 1
-            queue.put_nowait(msg.data)
 
         sub = await nc.subscribe(nats_subject(self.namespace, topic), cb=on_message)
         self._queues.add(queue)
@@ -287,23 +259,17 @@ class NatsEventPlane:
             # the SUB after reconnecting).
             with suppress(nats.errors.Error, asyncio.TimeoutError):
                 await nc.flush(timeout=2)
-            decoder = msgspec.msgpack.Decoder(type)
-            while not self._closed:
-                data = await queue.get()
-                if data is _CLOSE:
-                    break
-                assert isinstance(data, bytes)
-                try:
-                    message = decoder.decode(data)
-                except msgspec.DecodeError as exc:
-                    self._decode_log.warning(
-                        "NATS event plane: skipped a message on %r that is not a %s: %s",
-                        topic,
-                        type.__name__,
-                        exc,
-                    )
-                    continue
-                yield message
+            messages = common.decode_queue(
+                queue,
+                type,
+                closed=lambda: self._closed,
+                decode_log=self._decode_log,
+                plane="NATS event plane",
+                topic=topic,
+            )
+            async with aclosing(messages):
+                async for message in messages:
+                    yield message
         finally:
             self._queues.discard(queue)
             if not self._closed and not nc.is_closed:

@@ -34,7 +34,7 @@ import secrets
 import socket
 import time
 from collections.abc import AsyncIterator
-from contextlib import suppress
+from contextlib import aclosing, suppress
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
@@ -44,6 +44,7 @@ import zmq
 import zmq.asyncio
 
 from dynamo_gateway.errors import ConfigError
+from dynamo_gateway.runtime import _events_common as common
 
 T = TypeVar("T", bound=msgspec.Struct)
 
@@ -78,29 +79,6 @@ def parse_zmq_url(url: str) -> Path:
 
 def topic_frame(topic: str) -> bytes:
     return topic.encode("utf-8", "surrogatepass") + b"\0"
-
-
-class _RateLimitedLog:
-    """Logs a recurring warning at most once per `interval_s`, with a count of the rest."""
-
-    def __init__(self, interval_s: float = 10.0) -> None:
-        self.interval_s = interval_s
-        self._last = -float("inf")
-        self._suppressed = 0
-
-    def warning(self, msg: str, *args: object) -> None:
-        now = time.monotonic()
-        if now - self._last < self.interval_s:
-            self._suppressed += 1
-            return
-        if self._suppressed:
-            msg += f" (and {self._suppressed} more since the last report)"
-        self._last = now
-        self._suppressed = 0
-        log.warning(msg, *args, stacklevel=2)
-
-
-_CLOSE = object()
 
 
 class ZmqEventPlane:
@@ -139,8 +117,8 @@ class ZmqEventPlane:
         self._connected: dict[str, float] = {}  # socket path -> when we connected
         self._subs: dict[bytes, list[asyncio.Queue[object]]] = {}
         self._closed = False
-        self._drop_log = _RateLimitedLog()
-        self._decode_log = _RateLimitedLog()
+        self._drop_log = common.RateLimitedLog(log)
+        self._decode_log = common.RateLimitedLog(log)
         self.dropped = 0
         """Messages this plane failed to publish (not started, closed, or ZMQ refused)."""
         self.dropped_received = 0
@@ -181,10 +159,7 @@ class ZmqEventPlane:
             return
         self._closed = True
         for queues in self._subs.values():
-            for queue in queues:
-                if queue.full():
-                    queue.get_nowait()
-                queue.put_nowait(_CLOSE)
+            common.close_queues(queues)
         reader, self._reader = self._reader, None
         if reader is not None:
             reader.cancel()
@@ -240,24 +215,18 @@ class ZmqEventPlane:
         if not queues:
             sub.setsockopt(zmq.SUBSCRIBE, frame)
         queues.append(queue)
-        decoder = msgspec.msgpack.Decoder(type)
+        messages = common.decode_queue(
+            queue,
+            type,
+            closed=lambda: self._closed,
+            decode_log=self._decode_log,
+            plane="ZMQ event plane",
+            topic=topic,
+        )
         try:
-            while not self._closed:
-                data = await queue.get()
-                if data is _CLOSE:
-                    break
-                assert isinstance(data, bytes)
-                try:
-                    message = decoder.decode(data)
-                except msgspec.DecodeError as exc:
-                    self._decode_log.warning(
-                        "ZMQ event plane: skipped a message on %r that is not a %s: %s",
-                        topic,
-                        type.__name__,
-                        exc,
-                    )
-                    continue
-                yield message
+            async with aclosing(messages):
+                async for message in messages:
+                    yield message
         finally:
             queues.remove(queue)
             if not queues:
@@ -309,10 +278,8 @@ class ZmqEventPlane:
 
     def _dispatch(self, frame: bytes, payload: bytes) -> None:
         for queue in self._subs.get(frame, ()):
-            if queue.full():
-                queue.get_nowait()
+            if common.put_dropping_oldest(queue, payload):
                 self.dropped_received += 1
-            queue.put_nowait(payload)
 
     def _scan(self) -> None:
         """Connect to new publishers' sockets, disconnect from removed ones."""

@@ -11,14 +11,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
-import subprocess
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from types import TracebackType
+
+from dynamo_gateway.servers.process import ServerProcess
 
 ETCD_BINARY_ENV = "DYNAMO_GATEWAY_ETCD"  # overrides the binary found on PATH
 
@@ -34,8 +32,12 @@ def find_etcd() -> str | None:
     return "/usr/bin/etcd" if os.access("/usr/bin/etcd", os.X_OK) else None
 
 
-class EtcdServer:
+class EtcdServer(ServerProcess):
     """One etcd process; ports are chosen once and kept across restarts."""
+
+    program = "etcd"
+    ready_word = "healthy"
+    poll_interval_s = 0.05
 
     def __init__(self, directory: Path, *, binary: str | None = None, name: str = "etcd") -> None:
         # Imported here: dynamo_gateway.testing imports this module for its fixture.
@@ -46,17 +48,12 @@ class EtcdServer:
             raise FileNotFoundError(
                 f"no etcd binary (install etcd-server or set ${ETCD_BINARY_ENV})"
             )
-        self.binary = found
-        self.name = name
-        self.directory = Path(directory)
+        super().__init__(directory, binary=found, name=name)
         self.data_dir = self.directory / f"{name}.data"
-        self.log_path = self.directory / f"{name}.log"
-        self.host = "127.0.0.1"
         self.client_port = free_port()
         self.peer_port = free_port()
         while self.peer_port == self.client_port:
             self.peer_port = free_port()
-        self._process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
@@ -68,14 +65,8 @@ class EtcdServer:
         return f"http://{self.host}:{self.client_port}"
 
     @property
-    def running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
+    def _address(self) -> str:
+        return self.client_url
 
     def _argv(self) -> list[str]:
         peer = f"http://{self.host}:{self.peer_port}"
@@ -110,41 +101,9 @@ class EtcdServer:
 
     def start(self, timeout: float = 20.0) -> None:
         """Start etcd and wait until ``/health`` answers ``{"health": "true"}``."""
-        if self.running:
-            return
-        self.directory.mkdir(parents=True, exist_ok=True)
-        with self.log_path.open("ab") as log:
-            self._process = subprocess.Popen(
-                self._argv(),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # a Ctrl-C in the terminal is for us, not etcd
-            )
-        try:
-            self._wait_healthy(timeout)
-        except BaseException:
-            self.kill()
-            raise
+        super().start(timeout)
 
-    def _wait_healthy(self, timeout: float) -> None:
-        assert self._process is not None
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self._process.poll() is not None:
-                raise RuntimeError(
-                    f"etcd exited with {self._process.returncode} while starting\n"
-                    f"--- {self.log_path} ---\n{self.log()[-4000:]}"
-                )
-            if self._healthy():
-                return
-            time.sleep(0.05)
-        raise TimeoutError(
-            f"etcd on {self.client_url} not healthy after {timeout} s\n"
-            f"--- {self.log_path} ---\n{self.log()[-4000:]}"
-        )
-
-    def _healthy(self) -> bool:
+    def _ready(self) -> bool:
         # A TCP probe first: cheaper than an HTTP request while etcd is not listening yet.
         try:
             with socket.create_connection((self.host, self.client_port), timeout=0.5):
@@ -155,48 +114,13 @@ class EtcdServer:
             return False
         return isinstance(body, dict) and body.get("health") == "true"
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM and wait (SIGKILL after `timeout`)."""
-        process = self._process
-        if process is None:
-            return
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        self._process = None
-
     def kill(self) -> None:
         """SIGKILL and reap: etcd gets no chance to say goodbye to its clients."""
-        process = self._process
-        if process is None:
-            return
-        if process.poll() is None:
-            process.kill()
-        process.wait()
-        self._process = None
+        super().kill()
 
     def restart(self, wipe: bool = False, *, kill: bool = False, timeout: float = 20.0) -> None:
         """Stop (or kill) and start again on the same ports; ``wipe`` drops all data."""
-        if kill:
-            self.kill()
-        else:
-            self.stop()
+        self._halt(kill)
         if wipe:
             shutil.rmtree(self.data_dir, ignore_errors=True)
         self.start(timeout)
-
-    def __enter__(self) -> EtcdServer:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()

@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
-import subprocess
-import time
 from pathlib import Path
-from types import TracebackType
+
+from dynamo_gateway.servers.process import ServerProcess
 
 NATS_BINARY_ENV = "DYNAMO_GATEWAY_NATS_SERVER"  # overrides the binary found on PATH
 
@@ -35,8 +33,12 @@ def find_nats_server() -> str | None:
     return None
 
 
-class NatsServer:
+class NatsServer(ServerProcess):
     """One nats-server process; the port is chosen once and kept across restarts."""
+
+    program = "nats-server"
+    ready_word = "ready"
+    poll_interval_s = 0.02
 
     def __init__(self, directory: Path, *, binary: str | None = None, name: str = "nats") -> None:
         # Imported here: dynamo_gateway.testing imports this module for its fixture.
@@ -47,13 +49,8 @@ class NatsServer:
             raise FileNotFoundError(
                 "no nats-server binary (install nats-server or set $DYNAMO_GATEWAY_NATS_SERVER)"
             )
-        self.binary = found
-        self.name = name
-        self.directory = Path(directory)
-        self.log_path = self.directory / f"{name}.log"
-        self.host = "127.0.0.1"
+        super().__init__(directory, binary=found, name=name)
         self.port = free_port()
-        self._process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
@@ -61,14 +58,8 @@ class NatsServer:
         return f"nats://{self.host}:{self.port}"
 
     @property
-    def running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
+    def _address(self) -> str:
+        return self.url
 
     def _argv(self) -> list[str]:
         return [
@@ -85,41 +76,9 @@ class NatsServer:
 
     def start(self, timeout: float = 10.0) -> None:
         """Start nats-server and wait until a client connection gets its ``INFO`` line."""
-        if self.running:
-            return
-        self.directory.mkdir(parents=True, exist_ok=True)
-        with self.log_path.open("ab") as log:
-            self._process = subprocess.Popen(
-                self._argv(),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # a Ctrl-C in the terminal is for us, not the server
-            )
-        try:
-            self._wait_ready(timeout)
-        except BaseException:
-            self.kill()
-            raise
+        super().start(timeout)
 
-    def _wait_ready(self, timeout: float) -> None:
-        assert self._process is not None
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self._process.poll() is not None:
-                raise RuntimeError(
-                    f"nats-server exited with {self._process.returncode} while starting\n"
-                    f"--- {self.log_path} ---\n{self.log()[-4000:]}"
-                )
-            if self._answers():
-                return
-            time.sleep(0.02)
-        raise TimeoutError(
-            f"nats-server on {self.url} not ready after {timeout} s\n"
-            f"--- {self.log_path} ---\n{self.log()[-4000:]}"
-        )
-
-    def _answers(self) -> bool:
+    def _ready(self) -> bool:
         # The server greets every client with `INFO {...}\r\n` before anything else.
         try:
             with socket.create_connection((self.host, self.port), timeout=0.5) as sock:
@@ -128,46 +87,7 @@ class NatsServer:
         except OSError:
             return False
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM and wait (SIGKILL after `timeout`)."""
-        process = self._process
-        if process is None:
-            return
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        self._process = None
-
-    def kill(self) -> None:
-        """SIGKILL and reap: the server gets no chance to say goodbye to its clients."""
-        process = self._process
-        if process is None:
-            return
-        if process.poll() is None:
-            process.kill()
-        process.wait()
-        self._process = None
-
     def restart(self, *, kill: bool = False, timeout: float = 10.0) -> None:
         """Stop (or kill) and start again on the same port."""
-        if kill:
-            self.kill()
-        else:
-            self.stop()
+        self._halt(kill)
         self.start(timeout)
-
-    def __enter__(self) -> NatsServer:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
