@@ -149,14 +149,20 @@ class GatewayProcess:
         return self.log_path.read_text(errors="replace")
 
     def stop(self, timeout: float = 15.0) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return int(self.process.returncode)
+        return terminate(self.process, timeout)
+
+
+def terminate(process: subprocess.Popen[bytes], timeout: float) -> int:
+    """SIGTERM (after SIGCONT, in case it was frozen), wait, SIGKILL after `timeout`."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGCONT)
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return int(process.returncode)
 
 
 def wait_ready(url: str, process: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
@@ -253,14 +259,7 @@ class ClusterProcess:
 
     def stop(self, timeout: float = 30.0) -> int:
         """SIGTERM and wait (a worker drains first); SIGKILL after `timeout`."""
-        self.signal(signal.SIGCONT)
-        self.signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        return int(self.process.returncode)
+        return terminate(self.process, timeout)
 
 
 class Cluster:
