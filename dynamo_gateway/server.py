@@ -62,7 +62,9 @@ async def embedded(settings: Settings, plugins: Plugins | None = None) -> AsyncI
     discovery = MemoryDiscovery()
     events = MemoryEventPlane()
     resolver = InprocResolver()
-    manager = ModelManager(settings, plugins.registry, resolver, events)
+    # In-process engines live and die with the frontend: nothing to migrate to, so
+    # streams skip the migration wrapper.
+    manager = ModelManager(settings, plugins.registry, resolver, events, migration_limit=0)
     follow = asyncio.get_running_loop().create_task(manager.follow(discovery))
     workers: list[LocalWorkers] = []
     try:

@@ -40,6 +40,7 @@ from dynamo_gateway.engines.base import Engine
 from dynamo_gateway.protocol.engine import EngineOutput, EngineRequest, SamplingParams
 from dynamo_gateway.servers.etcd import EtcdServer, find_etcd
 from dynamo_gateway.servers.nats import NatsServer, find_nats_server
+from dynamo_gateway.servers.process import terminate
 
 # marker -> importable module that provides it
 ENGINE_MARKERS = {
@@ -150,19 +151,6 @@ class GatewayProcess:
 
     def stop(self, timeout: float = 15.0) -> int:
         return terminate(self.process, timeout)
-
-
-def terminate(process: subprocess.Popen[bytes], timeout: float) -> int:
-    """SIGTERM (after SIGCONT, in case it was frozen), wait, SIGKILL after `timeout`."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGCONT)
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-    return int(process.returncode)
 
 
 def wait_ready(url: str, process: subprocess.Popen[bytes], timeout: float = 60.0) -> None:

@@ -449,8 +449,14 @@ class ModelManager:
         registry: Registry,
         resolver: WorkerResolver,
         events: EventPlane | None = None,
+        *,
+        migration_limit: int | None = None,
     ) -> None:
         self.settings = settings
+        # Default: runtime.migration_limit. 0 keeps the engine's own stream on the hot path.
+        self.migration_limit = (
+            settings.runtime.migration_limit if migration_limit is None else migration_limit
+        )
         self.registry = registry
         self.resolver = resolver
         self.events = events
@@ -540,7 +546,7 @@ class ModelManager:
             tokenizer,
             template,
             router,
-            migration_limit=self.settings.runtime.migration_limit,
+            migration_limit=self.migration_limit,
             migration_wait_s=self.settings.runtime.migration_wait_s,
         )
         if self.events is not None:

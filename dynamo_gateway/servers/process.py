@@ -101,16 +101,8 @@ class ServerProcess(ABC):
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM and wait (SIGKILL after `timeout`)."""
-        process = self._process
-        if process is None:
-            return
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        if self._process is not None:
+            terminate(self._process, timeout)
         self._process = None
 
     def kill(self) -> None:
@@ -141,3 +133,17 @@ class ServerProcess(ABC):
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+def terminate(process: subprocess.Popen[bytes], timeout: float) -> int:
+    """SIGTERM (after SIGCONT, in case it was frozen), wait, SIGKILL after `timeout`;
+    the exit status."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGCONT)
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return int(process.returncode)

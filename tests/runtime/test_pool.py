@@ -4,22 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
 import pytest
 
 from dynamo_gateway.errors import ModelNotFoundError
 from dynamo_gateway.models.card import ModelCard
-from dynamo_gateway.plugins import load_plugins
+from dynamo_gateway.plugins import Plugins, load_plugins
 from dynamo_gateway.protocol.engine import EngineRequest, SamplingParams
 from dynamo_gateway.protocol.kv_events import AllBlocksCleared, KvEvent
 from dynamo_gateway.router.base import RouterBase, RouteRequest, WorkerView
 from dynamo_gateway.runtime.discovery import MemoryDiscovery
 from dynamo_gateway.runtime.events import MemoryEventPlane
-from dynamo_gateway.runtime.local import start_local_workers
+from dynamo_gateway.runtime.local import LocalWorkers, start_local_workers
 from dynamo_gateway.runtime.pool import InprocResolver, ModelManager
-from dynamo_gateway.settings import load_settings
+from dynamo_gateway.settings import Settings, load_settings
 
 
 class Recorder(RouterBase):
@@ -45,32 +45,63 @@ class Recorder(RouterBase):
         self.kv_events.append(event)
 
 
-async def test_pool_follows_discovery_and_tracks_requests(demo_model: Path) -> None:
+def recorder_plugins(make: Callable[[], Recorder]) -> Plugins:
+    """Plugins with the built-ins plus a `recorder` router made by `make()`."""
     from dynamo_gateway import hookimpl
-
-    recorder = Recorder()
 
     class P:
         @staticmethod
         @hookimpl
         def dynamo_gateway_register_routers(register: object) -> None:
-            register("recorder", lambda ctx: recorder)  # type: ignore[operator]
+            register("recorder", lambda ctx: make())  # type: ignore[operator]
 
-    plugins = load_plugins(entry_points=False, extra=[(P, "rec")])
-    settings = load_settings(router="recorder", mocker={"speedup": 1000.0})
+    return load_plugins(entry_points=False, extra=[(P, "rec")])
+
+
+@contextlib.asynccontextmanager
+async def fleet(
+    demo_model: Path, plugins: Plugins, settings: Settings, frontends: int = 1
+) -> AsyncIterator[tuple[list[ModelManager], LocalWorkers]]:
+    """`frontends` managers following two in-process mocker workers of `demo`."""
     discovery, events, resolver = MemoryDiscovery(), MemoryEventPlane(), InprocResolver()
-    manager = ModelManager(settings, plugins.registry, resolver, events)
-    follow = asyncio.create_task(manager.follow(discovery))
+    managers = [
+        ModelManager(settings, plugins.registry, resolver, events) for _ in range(frontends)
+    ]
+    follows = [asyncio.create_task(m.follow(discovery)) for m in managers]
     card = ModelCard.load(demo_model, served_name="demo")
     workers = await start_local_workers(
         settings, plugins.registry, card, discovery=discovery, events=events,
         resolver=resolver, count=2,
     )  # fmt: skip
     try:
-        for _ in range(100):
-            if "demo" in manager.pools and len(manager.pools["demo"].workers) == 2:
-                break
-            await asyncio.sleep(0.01)
+        async with asyncio.timeout(10):
+            while not all(
+                "demo" in m.pools and len(m.pools["demo"].workers) == 2 for m in managers
+            ):
+                await asyncio.sleep(0.01)
+        yield managers, workers
+    finally:
+        await workers.stop()
+        await discovery.aclose()
+        for task in follows:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for m in managers:
+            await m.aclose()
+        await events.aclose()
+
+
+def _serving_both(manager: ModelManager) -> bool:
+    pool = manager.pools.get("demo")
+    return pool is not None and len(pool.workers) == 2
+
+
+async def test_pool_follows_discovery_and_tracks_requests(demo_model: Path) -> None:
+    recorder = Recorder()
+    plugins = recorder_plugins(lambda: recorder)
+    settings = load_settings(router="recorder", mocker={"speedup": 1000.0})
+    async with fleet(demo_model, plugins, settings) as ([manager], workers):
         pool = manager.get("demo")
         with pytest.raises(ModelNotFoundError):
             manager.get("other")
@@ -114,50 +145,16 @@ async def test_pool_follows_discovery_and_tracks_requests(demo_model: Path) -> N
         await workers.stop()
         await asyncio.sleep(0.05)
         assert "demo" not in manager.pools
-    finally:
-        await workers.stop()
-        await discovery.aclose()
-        follow.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await follow
-        await manager.aclose()
-        await events.aclose()
 
 
 async def test_router_replica_sync_mirrors_routing_to_other_frontends(demo_model: Path) -> None:
     """Two frontends over the same workers: each router sees the other's requests
     (prefixed with the publishing frontend's id) in lifecycle order, not its own twice."""
-    from dynamo_gateway import hookimpl
-
-    routers: list[Recorder] = []
-
-    class P:
-        @staticmethod
-        @hookimpl
-        def dynamo_gateway_register_routers(register: object) -> None:
-            def make(ctx: object) -> Recorder:
-                routers.append(Recorder())
-                return routers[-1]
-
-            register("recorder", make)  # type: ignore[operator]
-
-    plugins = load_plugins(entry_points=False, extra=[(P, "rec")])
     settings = load_settings(
         router="recorder", mocker={"speedup": 1000.0}, runtime={"router_replica_sync": True}
     )
-    discovery, events, resolver = MemoryDiscovery(), MemoryEventPlane(), InprocResolver()
-    a = ModelManager(settings, plugins.registry, resolver, events)
-    b = ModelManager(settings, plugins.registry, resolver, events)
-    follows = [asyncio.create_task(m.follow(discovery)) for m in (a, b)]
-    card = ModelCard.load(demo_model, served_name="demo")
-    workers = await start_local_workers(
-        settings, plugins.registry, card, discovery=discovery, events=events,
-        resolver=resolver, count=2,
-    )  # fmt: skip
-    try:
+    async with fleet(demo_model, recorder_plugins(Recorder), settings, frontends=2) as ((a, b), _):
         async with asyncio.timeout(10):
-            while not ("demo" in a.pools and "demo" in b.pools):
-                await asyncio.sleep(0.01)
             await asyncio.sleep(0.05)  # both managers subscribed
             prompt = list(range(7, 47))
             req = EngineRequest(
@@ -174,13 +171,3 @@ async def test_router_replica_sync_mirrors_routing_to_other_frontends(demo_model
                 await asyncio.sleep(0.01)
             assert router_b.calls == want  # type: ignore[attr-defined]
         assert router_a.calls == [("routed", "r1"), ("first", "r1"), ("finished", "r1")]  # type: ignore[attr-defined]
-    finally:
-        await workers.stop()
-        await discovery.aclose()
-        for task in follows:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        await a.aclose()
-        await b.aclose()
-        await events.aclose()
