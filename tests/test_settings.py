@@ -21,7 +21,7 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_defaults() -> None:
     s = load_settings()
-    assert s.engine == "reference" and s.router == "round_robin" and s.workers == 1
+    assert s.engine == "reference" and s.router_name == "round_robin" and s.workers == 1
     assert s.frontend.host == "127.0.0.1" and s.frontend.port == 8000
     assert s.plugins is None and s.cache.block_size == 16
 

@@ -8,15 +8,16 @@ from pathlib import Path
 from typing import Any
 
 from dynamo_gateway.errors import ConfigError
+from dynamo_gateway.models.gguf import GgufModel, find_gguf
 
 
 @dataclass(frozen=True)
 class ModelCard:
-    """A local Hugging Face-style model directory, as the gateway needs it.
+    """A local Hugging Face-style model directory (or GGUF file), as the gateway needs it.
 
-    Reads config.json (context length, vocabulary), generation_config.json (EOS
-    ids) and tokenizer_config.json (special tokens, chat template). Weights are
-    the engine's business.
+    Reads config.json (context length, vocabulary) and generation_config.json
+    (EOS ids), or their equivalents in a GGUF file's metadata. Weights are the
+    engine's business.
     """
 
     path: Path
@@ -32,10 +33,15 @@ class ModelCard:
         cls, path: str | Path, *, served_name: str | None = None, max_model_len: int | None = None
     ) -> ModelCard:
         root = Path(path).expanduser().resolve()
-        if not root.is_dir():
-            raise ConfigError(f"model directory {str(path)!r} does not exist")
-        config = _read_json(root / "config.json", required=True)
-        gen = _read_json(root / "generation_config.json", required=False)
+        gguf_file = find_gguf(root)
+        if gguf_file is not None:
+            gguf = GgufModel.open(gguf_file)
+            config, gen = gguf.config(), gguf.generation_config()
+        elif root.is_dir():
+            config = _read_json(root / "config.json", required=True)
+            gen = _read_json(root / "generation_config.json", required=False)
+        else:
+            raise ConfigError(f"model {str(path)!r} is neither a model directory nor a .gguf file")
         context = max_model_len or int(
             config.get("max_position_embeddings") or config.get("max_seq_len") or 4096
         )
@@ -43,7 +49,7 @@ class ModelCard:
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
         return cls(
             path=root,
-            served_name=served_name or root.name,
+            served_name=served_name or (root.stem if root.suffix == ".gguf" else root.name),
             max_model_len=context,
             vocab_size=int(config.get("vocab_size", 0)),
             eos_token_ids=eos_ids,

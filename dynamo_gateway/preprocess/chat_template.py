@@ -27,6 +27,7 @@ from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from dynamo_gateway.errors import ConfigError, InvalidRequestError
+from dynamo_gateway.models.gguf import GgufModel, find_gguf
 
 __all__ = ["ChatTemplate", "normalize_messages"]
 
@@ -137,9 +138,19 @@ class ChatTemplate:
         tokenizer_config.json (a string, or a list of ``{"name", "template"}`` of
         which "default" is taken, else the first), then ``chat_template.json``.
         bos/eos tokens come from tokenizer_config.json. Unreadable files or a
-        template that does not compile raise ConfigError.
+        template that does not compile raise ConfigError. A GGUF file's template
+        and special tokens come from its metadata.
         """
         root = Path(path)
+        gguf_file = find_gguf(root)
+        if gguf_file is not None:
+            meta = GgufModel.open(gguf_file).tokenizer_config()
+            gguf_source = meta.get("chat_template")
+            if not isinstance(gguf_source, str):
+                return None
+            return cls(
+                gguf_source, bos_token=meta.get("bos_token"), eos_token=meta.get("eos_token")
+            )
         config = _read_json(root / "tokenizer_config.json")
         source: str | None = None
         jinja_file = root / "chat_template.jinja"

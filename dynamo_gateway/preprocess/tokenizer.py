@@ -28,6 +28,7 @@ from typing import Any
 import tokenizers
 
 from dynamo_gateway.errors import ConfigError
+from dynamo_gateway.models.gguf import GgufModel, find_gguf
 
 __all__ = ["Tokenizer"]
 
@@ -113,8 +114,20 @@ class Tokenizer:
 
     @classmethod
     def from_dir(cls, path: str | Path) -> Tokenizer:
-        """Load ``tokenizer.json`` (required) and ``tokenizer_config.json`` (optional)."""
+        """Load ``tokenizer.json`` (required) and ``tokenizer_config.json`` (optional).
+
+        For a GGUF file (or a directory holding only one), both are rebuilt from
+        its metadata instead.
+        """
         root = Path(path)
+        gguf_file = find_gguf(root)
+        if gguf_file is not None:
+            gguf = GgufModel.open(gguf_file)
+            try:
+                built = tokenizers.Tokenizer.from_str(gguf.tokenizer_json())
+            except Exception as exc:  # the Rust side raises plain Exception subclasses
+                raise ConfigError(f"cannot build the tokenizer of {gguf_file}: {exc}") from exc
+            return cls(built, gguf.tokenizer_config())
         tokenizer_file = root / "tokenizer.json"
         if not tokenizer_file.is_file():
             raise ConfigError(

@@ -539,7 +539,7 @@ class ModelManager:
         )
         tokenizer = Tokenizer.from_dir(card.path)
         template = ChatTemplate.from_dir(card.path)
-        router_factory = self.registry.routers.get(self.settings.router)
+        router_factory = self.registry.routers.get(self.settings.router_name)
         router = router_factory(RouterContext(self.settings, record.model, record.block_size))
         pool = ModelPool(
             card,

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from dynamo_gateway.errors import ConfigError
+from dynamo_gateway.models.gguf import GgufModel, find_gguf
 
 __all__ = ["SUPPORTED_ARCHITECTURES", "SUPPORTED_ROPE_TYPES", "ModelConfig"]
 
@@ -65,7 +66,13 @@ class ModelConfig:
 
     @classmethod
     def from_dir(cls, path: str | Path) -> ModelConfig:
-        """Read ``config.json`` of a model directory; `ConfigError` if unsupported."""
+        """Read ``config.json`` of a model directory; `ConfigError` if unsupported.
+
+        A GGUF file (or a directory holding only one) gives its config from metadata.
+        """
+        gguf_file = find_gguf(path)
+        if gguf_file is not None:
+            return cls.from_dict(GgufModel.open(gguf_file).config(), source=str(gguf_file))
         config_path = Path(path) / "config.json"
         try:
             raw = json.loads(config_path.read_text(encoding="utf-8"))

@@ -189,7 +189,7 @@ class ReferenceModel:
         dtype: str = "auto",
         attention: str = "gather-sdpa",
     ) -> ReferenceModel:
-        """Load a model directory (config.json + safetensors); `ConfigError` if unusable."""
+        """Load a model directory (config.json + safetensors) or GGUF file; else `ConfigError`."""
         config = ModelConfig.from_dir(path)
         torch_device = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, device=torch_device, checkpoint_dtype=config.torch_dtype)

@@ -18,6 +18,7 @@ from safetensors import safe_open
 
 from dynamo_gateway.engines.reference.config import ModelConfig
 from dynamo_gateway.errors import ConfigError
+from dynamo_gateway.models.gguf import GgufModel, find_gguf
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +95,13 @@ def load_weights(
 
     Raises `ConfigError` naming the missing and mis-shaped tensors (shapes are
     checked from the headers, before any data is read) or duplicated names.
+    `path` may also be a GGUF file (or a directory holding only one): its
+    tensors are dequantised to float32 first.
     """
     expected = expected_shapes(config)
+    gguf_file = find_gguf(path)
+    if gguf_file is not None:
+        return _load_gguf(GgufModel.open(gguf_file), expected, config, dtype=dtype, device=device)
     located: dict[str, Path] = {}
     wrong: list[str] = []
     for shard in find_shards(path):
@@ -111,17 +117,7 @@ def load_weights(
                 shape = tuple(int(d) for d in f.get_slice(name).get_shape())
                 if shape != expected[name]:
                     wrong.append(f"{name} has shape {list(shape)}, expected {list(expected[name])}")
-    missing = [name for name in expected if name not in located]
-    problems: list[str] = []
-    if missing:
-        problems.append(f"{len(missing)} missing tensor(s): {_names(missing)}")
-    if wrong:
-        problems.append(f"{len(wrong)} mis-shaped tensor(s): {_names(wrong)}")
-    if problems:
-        raise ConfigError(
-            f"checkpoint in {path} does not match its {config.architecture} config: "
-            + "; ".join(problems)
-        )
+    _check_complete(expected, set(located), wrong, path, config)
 
     tensors: dict[str, torch.Tensor] = {}
     by_shard: dict[Path, list[str]] = {}
@@ -142,6 +138,49 @@ def load_weights(
                 tensor = f.get_tensor(name).to(device=device)
                 tensors[name] = tensor if dtype is None else tensor.to(dtype=dtype)
     return tensors
+
+
+def _load_gguf(
+    gguf: GgufModel,
+    expected: dict[str, tuple[int, ...]],
+    config: ModelConfig,
+    *,
+    dtype: torch.dtype | None,
+    device: torch.device,
+) -> dict[str, torch.Tensor]:
+    names = gguf.tensor_names()
+    wrong = [
+        f"{name} has shape {list(gguf.shape(name))}, expected {list(shape)}"
+        for name, shape in expected.items()
+        if name in names and gguf.shape(name) != shape
+    ]
+    _check_complete(expected, set(names), wrong, gguf.path, config)
+    log.info("dequantising %d tensors of %s", len(expected), gguf.path.name)
+    tensors: dict[str, torch.Tensor] = {}
+    for name in expected:
+        tensor = torch.from_numpy(gguf.tensor(name)).to(device=device)
+        tensors[name] = tensor if dtype is None else tensor.to(dtype=dtype)
+    return tensors
+
+
+def _check_complete(
+    expected: dict[str, tuple[int, ...]],
+    present: set[str],
+    wrong: list[str],
+    source: str | Path,
+    config: ModelConfig,
+) -> None:
+    missing = [name for name in expected if name not in present]
+    problems: list[str] = []
+    if missing:
+        problems.append(f"{len(missing)} missing tensor(s): {_names(missing)}")
+    if wrong:
+        problems.append(f"{len(wrong)} mis-shaped tensor(s): {_names(wrong)}")
+    if problems:
+        raise ConfigError(
+            f"checkpoint in {source} does not match its {config.architecture} config: "
+            + "; ".join(problems)
+        )
 
 
 def _numel(shape: tuple[int, ...]) -> int:
