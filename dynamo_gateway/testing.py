@@ -7,6 +7,8 @@ installed gets:
 - ``--require-engines``: tests marked ``gpu``/``vllm``/``sglang``/``trtllm``/``nixl``
   fail instead of skipping when their hardware or library is missing.
 - ``demo_model`` (session): a built demo model directory.
+- ``real_model`` (session): SmolLM2-135M-Instruct as a HF directory (with its GGUF file).
+- ``start_gateway()``: a ``dynamo-gateway serve`` process for a module-scoped fixture.
 - ``gateway_server``: a factory that starts a real ``dynamo-gateway serve``
   process on a free loopback port and stops it after the test.
 - ``etcd_server``: a real etcd on free loopback ports (an `EtcdServer`; skips without
@@ -68,6 +70,7 @@ MARKERS = {
     "trtllm": "needs TensorRT-LLM installed",
     "nixl": "needs NIXL installed",
     "slow": "takes more than a few seconds; run with --run-slow",
+    "real_model": "serves the real SmolLM2-135M-Instruct checkpoint (fixture real_model)",
 }
 
 
@@ -168,6 +171,30 @@ def wait_ready(url: str, process: subprocess.Popen[bytes], timeout: float = 60.0
     raise TimeoutError(f"gateway at {url} not ready after {timeout} s")
 
 
+def start_gateway(
+    args: Sequence[str], log_dir: Path, *, env: dict[str, str] | None = None
+) -> GatewayProcess:
+    """Start ``dynamo-gateway serve ARGS`` on a free port and wait until it is ready.
+
+    The caller stops it (`GatewayProcess.stop`). Its output goes to a log file
+    in `log_dir`, shown in the error when it fails to start.
+    """
+    port = free_port()
+    argv = [sys.executable, "-m", "dynamo_gateway.cli", "serve", "--port", str(port), *args]
+    log_path = log_dir / f"gateway-{port}.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+        )
+    gw = GatewayProcess(f"http://127.0.0.1:{port}", port, process, log_path, argv)
+    try:
+        wait_ready(gw.url, process, timeout=120.0)
+    except (RuntimeError, TimeoutError) as exc:
+        gw.stop()
+        raise RuntimeError(f"{exc}\n--- gateway log ---\n{gw.log()}") from None
+    return gw
+
+
 @pytest.fixture
 def gateway_server(tmp_path: Path, demo_model: Path) -> Iterator[Callable[..., GatewayProcess]]:
     """Factory: ``gateway_server("--workers", "2", ...)`` starts `serve` on a free port.
@@ -178,32 +205,41 @@ def gateway_server(tmp_path: Path, demo_model: Path) -> Iterator[Callable[..., G
     started: list[GatewayProcess] = []
 
     def start(*args: str, env: dict[str, str] | None = None) -> GatewayProcess:
-        port = free_port()
-        argv = [sys.executable, "-m", "dynamo_gateway.cli", "serve", "--port", str(port)]
+        argv: list[str] = []
         if "--model" not in args:
             argv += ["--model", str(demo_model)]
         if "--engine" not in args:
             argv += ["--engine", "mocker"]
-        argv += list(args)
-        log_path = tmp_path / f"gateway-{port}.log"
-        with log_path.open("wb") as log:
-            process = subprocess.Popen(
-                argv,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, **(env or {})},
-            )
-        gw = GatewayProcess(f"http://127.0.0.1:{port}", port, process, log_path, argv)
+        gw = start_gateway([*argv, *args], tmp_path, env=env)
         started.append(gw)
-        try:
-            wait_ready(gw.url, process)
-        except (RuntimeError, TimeoutError) as exc:
-            raise RuntimeError(f"{exc}\n--- gateway log ---\n{gw.log()}") from None
         return gw
 
     yield start
     for gw in started:
         gw.stop()
+
+
+REAL_MODEL = "smollm2-135m-instruct"
+
+
+@pytest.fixture(scope="session")
+def real_model() -> Path:
+    """The real instruct model's HF directory (SmolLM2-135M-Instruct, with its GGUF file).
+
+    ``DYNAMO_GATEWAY_REAL_MODEL`` names a pulled directory (``make pytest`` sets it);
+    otherwise it is pulled into the cache (``models pull``). When it cannot be
+    fetched the test is skipped, or fails under ``--require-engines``.
+    """
+    given = os.environ.get("DYNAMO_GATEWAY_REAL_MODEL")
+    if given:
+        return Path(given)
+    from dynamo_gateway.errors import GatewayError
+    from dynamo_gateway.models.pull import default_cache_dir, pull
+
+    try:
+        return pull(REAL_MODEL, default_cache_dir() / "models" / REAL_MODEL, say=lambda _: None)
+    except GatewayError as exc:
+        pytest.skip(f"real model unavailable: {exc}")
 
 
 def read_metric(url: str, name: str, **labels: str) -> float:
