@@ -40,6 +40,8 @@ class ModelCard:
         elif root.is_dir():
             config = _read_json(root / "config.json", required=True)
             gen = _read_json(root / "generation_config.json", required=False)
+        elif not root.exists():
+            raise ConfigError(f"model {str(path)!r} does not exist")
         else:
             raise ConfigError(f"model {str(path)!r} is neither a model directory nor a .gguf file")
         context = max_model_len or int(
