@@ -80,7 +80,8 @@ def _plain(raw: npt.NDArray[np.uint8], ggml_type: int, count: int) -> npt.NDArra
     if raw.size != count * width:
         raise ConfigError(f"{_PLAIN[ggml_type]} tensor of {count} values has {raw.size} bytes")
     if ggml_type == 0:
-        return raw.view("<f4").astype(np.float32, copy=False)
+        # A copy: `raw` may be a read-only view of the memory-mapped file.
+        return raw.view("<f4").astype(np.float32)
     if ggml_type == 1:
         return raw.view("<f2").astype(np.float32)
     # BF16 is the top half of an IEEE float32.
