@@ -159,7 +159,9 @@ class GgufModel:
     def generation_config(self) -> dict[str, Any]:
         """``generation_config.json``: BOS and EOS ids (EOS plus an end-of-turn id if any)."""
         config = self.config()
-        gen = {k: config[k] for k in ("bos_token_id", "eos_token_id") if k in config}
+        gen: dict[str, Any] = {
+            k: config[k] for k in ("bos_token_id", "eos_token_id") if k in config
+        }
         eot = self.metadata.get("tokenizer.ggml.eot_token_id")
         if eot is not None and "eos_token_id" in gen and int(eot) != gen["eos_token_id"]:
             gen["eos_token_id"] = [gen["eos_token_id"], int(eot)]
