@@ -11,12 +11,16 @@ its own subprocess, one after another, so they never share the CPU.
 
 Prints a table and writes JSON (``--json``). Tokens/s counts generated tokens
 over the wall time from submitting the batch to the last token (prefill of the
-short prompts included).
+short prompts included). TTFT is submit to each request's first token; ITL is
+the gap between a request's successive tokens (for transformers, one batch-wide
+`generate` step; for vLLM, each request's mean gap from its stats, or estimated from a
+1-token run when it keeps none). Both are in milliseconds, mean/p50/p99.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -66,6 +70,25 @@ def prompts(n: int, length: int) -> list[str]:
     return out
 
 
+def percentiles(values: list[float]) -> dict[str, float]:
+    """mean, p50, p99 (linear interpolation) of values given in seconds, in ms."""
+    if not values:
+        return {}
+    xs = sorted(v * 1000.0 for v in values)
+
+    def pct(q: float) -> float:
+        k = (len(xs) - 1) * q
+        lo = int(k)
+        hi = min(lo + 1, len(xs) - 1)
+        return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+    return {"mean": sum(xs) / len(xs), "p50": pct(0.5), "p99": pct(0.99)}
+
+
+def latency(ttfts: list[float], itls: list[float]) -> dict[str, Any]:
+    return {"ttft_ms": percentiles(ttfts), "itl_ms": percentiles(itls)}
+
+
 def log(msg: str) -> None:
     print(f"[engine_throughput {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
@@ -97,8 +120,12 @@ def run_reference(model: str, batch: int, out_tokens: int, prompt_words: int) ->
         engine = factory(EngineContext(settings, card, "bench"))
         await engine.start()
         try:
+            ttfts: list[float] = []
+            itls: list[float] = []
 
             async def one(i: int, prompt: list[int], tag: str) -> int:
+                t_start = time.perf_counter()
+                last: float | None = None
                 req = EngineRequest(
                     request_id=f"{tag}-{i}",
                     prompt_token_ids=prompt,
@@ -108,14 +135,25 @@ def run_reference(model: str, batch: int, out_tokens: int, prompt_words: int) ->
                 )
                 n = 0
                 async for out in engine.generate(req):
-                    n += len(out.token_ids)
+                    k = len(out.token_ids)
+                    if not k:
+                        continue
+                    now = time.perf_counter()
+                    if tag == "run":
+                        if last is None:
+                            ttfts.append(now - t_start)
+                            itls.extend([0.0] * (k - 1))
+                        else:
+                            itls.extend([(now - last) / k] * k)
+                    last = now
+                    n += k
                 return n
 
             await asyncio.gather(*(one(i, p, "warm") for i, p in enumerate(ids[:2])))
             t0 = time.perf_counter()
             counts = await asyncio.gather(*(one(i, p, "run") for i, p in enumerate(ids)))
             elapsed = time.perf_counter() - t0
-            return {"tokens": sum(counts), "seconds": elapsed}
+            return {"tokens": sum(counts), "seconds": elapsed, **latency(ttfts, itls)}
         finally:
             await engine.aclose()
 
@@ -125,6 +163,19 @@ def run_reference(model: str, batch: int, out_tokens: int, prompt_words: int) ->
 def run_transformers(model: str, batch: int, out_tokens: int, prompt_words: int) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.generation.streamers import BaseStreamer
+
+    class StepClock(BaseStreamer):
+        """Times each `generate` step: put() gets the prompt, then each step's new tokens."""
+
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def put(self, value: Any) -> None:
+            self.times.append(time.perf_counter())
+
+        def end(self) -> None:
+            pass
 
     tok = AutoTokenizer.from_pretrained(model)
     tok.padding_side = "left"
@@ -133,7 +184,7 @@ def run_transformers(model: str, batch: int, out_tokens: int, prompt_words: int)
     lm = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
     texts = prompts(batch, prompt_words)
 
-    def generate(items: list[str]) -> int:
+    def generate(items: list[str], clock: StepClock | None = None) -> int:
         enc = tok(items, return_tensors="pt", padding=True)
         with torch.inference_mode():
             out = lm.generate(
@@ -142,13 +193,20 @@ def run_transformers(model: str, batch: int, out_tokens: int, prompt_words: int)
                 min_new_tokens=out_tokens,
                 do_sample=False,
                 pad_token_id=tok.pad_token_id,
+                streamer=clock,
             )
         return int((out.shape[1] - enc["input_ids"].shape[1]) * out.shape[0])
 
     generate(texts[:2])
+    clock = StepClock()
     t0 = time.perf_counter()
-    n = generate(texts)
-    return {"tokens": n, "seconds": time.perf_counter() - t0}
+    n = generate(texts, clock)
+    elapsed = time.perf_counter() - t0
+    steps = clock.times[1:]  # times[0] is the prompt, before prefill
+    # The whole batch gets each token at the same step.
+    ttfts = [steps[0] - t0] * batch if steps else []
+    itls = [b - a for a, b in itertools.pairwise(steps)]
+    return {"tokens": n, "seconds": elapsed, **latency(ttfts, itls)}
 
 
 def run_vllm(model: str, batch: int, out_tokens: int, prompt_words: int) -> dict[str, Any]:
@@ -163,6 +221,7 @@ def run_vllm(model: str, batch: int, out_tokens: int, prompt_words: int) -> dict
         max_model_len=1024,
         seed=0,
         gpu_memory_utilization=0.3,
+        disable_log_stats=False,  # keeps per-request timestamps (TTFT/ITL) on the outputs
     )
     params = SamplingParams(max_tokens=out_tokens, temperature=0.0, ignore_eos=True)
     texts = prompts(batch, prompt_words)
@@ -170,7 +229,28 @@ def run_vllm(model: str, batch: int, out_tokens: int, prompt_words: int) -> dict
     t0 = time.perf_counter()
     outs = llm.generate(texts, params, use_tqdm=False)
     elapsed = time.perf_counter() - t0
-    return {"tokens": sum(len(o.outputs[0].token_ids) for o in outs), "seconds": elapsed}
+    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    ttfts: list[float] = []
+    itls: list[float] = []
+    for o in outs:  # per-request stats (vLLM v1 RequestStateStats)
+        m = getattr(o, "metrics", None)
+        n = len(o.outputs[0].token_ids)
+        ttft = getattr(m, "first_token_latency", 0.0)
+        first, last = getattr(m, "first_token_ts", 0.0), getattr(m, "last_token_ts", 0.0)
+        if ttft and first and last and n > 1:
+            ttfts.append(ttft)
+            itls.extend([(last - first) / (n - 1)] * (n - 1))
+    result = {"tokens": tokens, "seconds": elapsed}
+    if len(ttfts) == len(outs):
+        return {**result, **latency(ttfts, itls)}
+    # No timestamps: TTFT from the same batch at 1 output token, ITL from the rest.
+    one = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    t1 = time.perf_counter()
+    llm.generate(texts, one, use_tqdm=False)
+    ttft = time.perf_counter() - t1
+    per = max(elapsed - ttft, 0.0) / max(out_tokens - 1, 1)
+    est = latency([ttft] * batch, [per] * (batch * max(out_tokens - 1, 1)))
+    return {**result, **est, "latency_estimated": True}
 
 
 MARKER = "ENGINE_THROUGHPUT_RESULT "
@@ -194,7 +274,9 @@ def measure(
     line = next(ln for ln in reversed(proc.stdout.splitlines()) if ln.startswith(MARKER))
     result: dict[str, Any] = json.loads(line[len(MARKER) :])
     result["tok_per_s"] = result["tokens"] / result["seconds"]
-    log(f"{engine}: {result['tok_per_s']:,.0f} tok/s")
+    t, i = result.get("ttft_ms", {}), result.get("itl_ms", {})
+    lat = f", TTFT p50 {t['p50']:,.0f} ms, ITL p50 {i['p50']:.1f} ms" if t and i else ""
+    log(f"{engine}: {result['tok_per_s']:,.0f} tok/s{lat}")
     return result
 
 
@@ -261,6 +343,19 @@ def main() -> int:
         lines.append(f"| reference / {other} | " + " | ".join(cells) + " |")
     table = "\n".join(lines)
     print(table)
+    head = " | ".join(f"batch {b} TTFT / ITL ms (p50)" for b in batches)
+    lat = [f"| engine | {head} |", "|---|" + "---:|" * len(batches)]
+    for engine in engines:
+        cells = []
+        for b in batches:
+            r = results[engine][str(b)]
+            t, i = r.get("ttft_ms", {}), r.get("itl_ms", {})
+            star = "*" if r.get("latency_estimated") else ""
+            ok = "p50" in t and "p50" in i
+            cells.append(f"{t['p50']:,.0f} / {i['p50']:.1f}{star}" if ok else "-")
+        lat.append(f"| {engine} | " + " | ".join(cells) + " |")
+    latency_table = "\n".join(lat)
+    print(latency_table)
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
@@ -276,6 +371,7 @@ def main() -> int:
                 "vllm_mode": "eager" if args.vllm_eager else "compiled",
                 "results": results,
                 "table_markdown": table,
+                "latency_table_markdown": latency_table,
             },
             indent=2,
         )

@@ -152,7 +152,7 @@ def _add_frontend_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--engine", help="engine plugin (default mocker)")
+    p.add_argument("--engine", help="engine plugin (default reference)")
     p.add_argument(
         "--model",
         type=Path,
