@@ -56,6 +56,12 @@ class WorkerLostError(EngineError):
     code = "worker_lost"
 
 
+class KvTransferError(EngineError):
+    """Moving KV blocks between workers failed or was refused (unknown or expired
+    transfer, layout mismatch, unreachable peer). The decode side falls back to
+    computing the prefill itself; the client sees no error."""
+
+
 class ClientError(GatewayError):
     """An error caused by (or reported to) the client, with its HTTP mapping."""
 

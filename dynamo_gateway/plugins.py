@@ -32,6 +32,7 @@ DEFAULT_PLUGINS: tuple[tuple[str, str], ...] = (
     ("dynamo_gateway.default_plugins.engines", "builtin.engines"),
     ("dynamo_gateway.default_plugins.routers", "builtin.routers"),
     ("dynamo_gateway.default_plugins.runtime", "builtin.runtime"),
+    ("dynamo_gateway.default_plugins.transports", "builtin.transports"),
 )
 
 # hook name -> Registry attribute it fills

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from dynamo_gateway.engines.base import EngineFactory
 from dynamo_gateway.errors import DuplicatePluginError, PluginNotFoundError
 from dynamo_gateway.router.base import RouterFactory
+
+if TYPE_CHECKING:
+    from dynamo_gateway.disagg.transport import KvTransportFactory
 
 F = TypeVar("F")
 F_contra = TypeVar("F_contra", contravariant=True)
@@ -30,7 +33,7 @@ class Register(Protocol[F_contra]):
 
 EngineRegister = Register[EngineFactory]
 RouterRegister = Register[RouterFactory]
-KvTransportRegister = Register[ComponentFactory]
+KvTransportRegister = Register["KvTransportFactory"]
 CacheTierRegister = Register[ComponentFactory]
 DiscoveryRegister = Register[ComponentFactory]
 EventPlaneRegister = Register[ComponentFactory]
@@ -92,7 +95,9 @@ class Registry:
 
     engines: Family[EngineFactory] = field(default_factory=lambda: Family("engine"))
     routers: Family[RouterFactory] = field(default_factory=lambda: Family("router"))
-    kv_transports: Family[ComponentFactory] = field(default_factory=lambda: Family("KV transport"))
+    kv_transports: Family[KvTransportFactory] = field(
+        default_factory=lambda: Family("KV transport")
+    )
     cache_tiers: Family[ComponentFactory] = field(default_factory=lambda: Family("cache tier"))
     discovery: Family[ComponentFactory] = field(default_factory=lambda: Family("discovery backend"))
     event_planes: Family[ComponentFactory] = field(

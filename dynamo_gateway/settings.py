@@ -81,6 +81,36 @@ class MockerSettings(BaseModel):
     prefill_ms_per_token2: float = Field(4.209989e-7, ge=0)
     decode_base_ms: float = Field(5.74, ge=0)
     decode_ms_per_kv_block: float = Field(8.24e-4, ge=0)
+    # The simulated model's KV geometry (default: Llama-3-70B, bf16) and the
+    # bandwidth a disaggregated handoff moves it at.
+    kv_layers: int = Field(80, ge=1)
+    kv_heads: int = Field(8, ge=1)
+    kv_head_dim: int = Field(128, ge=1)
+    kv_transfer_gbps: float = Field(
+        25.0, gt=0, description="simulated KV transfer bandwidth, GB/s (200 Gb/s RDMA)"
+    )
+
+
+class DisaggSettings(BaseModel):
+    """`[disagg]`: disaggregated prefill and decode (docs/disaggregation.md)."""
+
+    kv_transport: str | None = Field(
+        None, description="force one KV transport (default: the first that connects the pair)"
+    )
+    kv_transfer_timeout_s: float = Field(
+        30.0, gt=0, description="a prefill worker frees unpulled KV blocks after this long"
+    )
+    min_prefill_tokens: int = Field(
+        512,
+        ge=0,
+        description="prompts with fewer uncached tokens than this prefill on the decode worker",
+    )
+    max_queued_prefill_tokens: int = Field(
+        16384,
+        ge=1,
+        description="prefill tokens in flight per prefill worker above which new "
+        "prefills stay local (the prefill pool is saturated)",
+    )
 
 
 class ReferenceSettings(BaseModel):
@@ -208,6 +238,14 @@ class Settings(BaseSettings):
         None, description="routing policy; unset: kv for several workers, else round_robin"
     )
     workers: int = Field(1, ge=1)
+    prefill_workers: int = Field(
+        0, ge=0, description="embedded serve: prefill-only workers (0: aggregated serving)"
+    )
+    decode_workers: int | None = Field(
+        None,
+        ge=1,
+        description="embedded serve with prefill workers: decode workers (default: workers)",
+    )
 
     frontend: FrontendSettings = Field(default_factory=FrontendSettings)
     cache: CacheSettings = Field(default_factory=CacheSettings)
@@ -217,6 +255,7 @@ class Settings(BaseSettings):
     runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     kv_router: KvRouterSettings = Field(default_factory=KvRouterSettings)
+    disagg: DisaggSettings = Field(default_factory=DisaggSettings)
     plugin_config: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
     @field_validator("plugins", mode="before")
@@ -231,7 +270,7 @@ class Settings(BaseSettings):
         """The routing policy: `router`, else kv when a model has several workers."""
         if self.router:
             return self.router
-        return "kv" if self.workers > 1 else "round_robin"
+        return "kv" if self.workers > 1 or self.prefill_workers > 0 else "round_robin"
 
     @classmethod
     def settings_customise_sources(

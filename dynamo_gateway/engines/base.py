@@ -38,6 +38,7 @@ from dynamo_gateway.protocol.kv_events import KvEvent
 
 if TYPE_CHECKING:
     from dynamo_gateway.models.card import ModelCard
+    from dynamo_gateway.registry import Registry
     from dynamo_gateway.settings import Settings
 
 
@@ -63,6 +64,9 @@ class EngineContext:
     role: WorkerRole = WorkerRole.AGGREGATED
     # Where the engine publishes its KV events; the event plane fans them out.
     publish_kv_event: KvEventSink | None = None
+    # The plugin registry (KV transports for the prefill and decode roles); None:
+    # the engine loads the plugins itself if it needs them.
+    registry: Registry | None = None
 
 
 @runtime_checkable

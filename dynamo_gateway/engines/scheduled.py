@@ -25,10 +25,26 @@ import logging
 from collections.abc import AsyncIterator
 from typing import ClassVar
 
+from dynamo_gateway.disagg.agent import KvTransferAgent
+from dynamo_gateway.disagg.layout import KvLayout
+from dynamo_gateway.disagg.params import (
+    PrefillDone,
+    is_remote_prefill,
+    parse_prefill_done,
+    wants_remote_decode,
+)
+from dynamo_gateway.disagg.transport import KvMemory
 from dynamo_gateway.engines.base import EngineBase, EngineContext, EngineState
 from dynamo_gateway.engines.scheduler import KvEventPublisher, Scheduler, Seq, StepPlan
-from dynamo_gateway.errors import EngineError
-from dynamo_gateway.protocol.engine import EngineOutput, EngineRequest, FinishReason, LoadMetrics
+from dynamo_gateway.errors import EngineError, KvTransferError
+from dynamo_gateway.kv.block_manager import KvSequence
+from dynamo_gateway.protocol.engine import (
+    EngineOutput,
+    EngineRequest,
+    FinishReason,
+    LoadMetrics,
+    WorkerRole,
+)
 from dynamo_gateway.protocol.kv_events import KvSnapshot
 
 log = logging.getLogger(__name__)
@@ -70,6 +86,10 @@ class ScheduledEngine(EngineBase):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._failure: BaseException | None = None
         self._num_steps = 0
+        # Disaggregation (prefill and decode roles): set by the subclass's start().
+        self._agent: KvTransferAgent | None = None
+        self._pulls: set[asyncio.Task[None]] = set()
+        self.local_fallbacks = 0  # decode legs that prefilled here instead of pulling
 
     # -- introspection (tests, stats) -------------------------------------------------
 
@@ -97,6 +117,11 @@ class ScheduledEngine(EngineBase):
     def num_steps(self) -> int:
         """Engine steps run so far."""
         return self._num_steps
+
+    @property
+    def kv_transfer_agent(self) -> KvTransferAgent | None:
+        """This worker's disaggregation agent (prefill and decode roles), if any."""
+        return self._agent
 
     def _describe(self) -> str:
         return f"{self.kind} engine {self._worker_id} is {self._state.value}"
@@ -200,11 +225,133 @@ class ScheduledEngine(EngineBase):
         if not tokens:
             raise EngineError(f"request {rid!r} has an empty prompt")
         req = self._make_request(request, tokens)
+        if request.kv_transfer_params:
+            self._take_transfer_params(request, req)
         # False: it ended at once (nothing to generate, or too big for the cache);
         # the consumer finds the finish reason without waiting.
         if sched.add(req):
             self._wake.set()
         return req
+
+    # -- disaggregation ----------------------------------------------------------------
+
+    def _new_agent(
+        self, layout: KvLayout, *, simulated_gbps: float | None = None
+    ) -> KvTransferAgent | None:
+        """This worker's transfer agent if its role is prefill or decode, else None."""
+        if self._context.role is WorkerRole.AGGREGATED:
+            return None
+        registry = self._context.registry
+        if registry is None:
+            from dynamo_gateway.plugins import load_plugins
+
+            settings = self._context.settings
+            registry = load_plugins(only=settings.plugins).registry
+        return KvTransferAgent(
+            self._context.settings,
+            registry,
+            self._worker_id,
+            layout,
+            simulated_gbps=simulated_gbps,
+        )
+
+    async def _start_agent(self, agent: KvTransferAgent, memory: KvMemory | None) -> None:
+        """Subclasses with a prefill or decode role call this from start()."""
+        await agent.start(memory)
+        self._agent = agent
+        assert self._sched is not None
+        self._sched.on_export = self._export
+
+    async def _close_agent(self) -> None:
+        for task in list(self._pulls):
+            task.cancel()
+        agent, self._agent = self._agent, None
+        if agent is not None:
+            await agent.aclose()
+
+    def _take_transfer_params(self, request: EngineRequest, req: WaitingSeq) -> None:
+        params = request.kv_transfer_params
+        rid = request.request_id
+        if wants_remote_decode(params):
+            if self._agent is None:
+                raise EngineError(
+                    f"{self.kind} engine {self._worker_id} has no prefill role: "
+                    f"cannot keep KV for a remote decode of {rid!r}"
+                )
+            req.export = True
+            return
+        if not is_remote_prefill(params):
+            return
+        agent = self._agent
+        why: str | None
+        if agent is None:
+            why = f"worker {self._worker_id} has no decode role"
+            done = None
+        else:
+            try:
+                done = parse_prefill_done(params)
+            except ValueError as exc:
+                done, why = None, str(exc)
+            else:
+                why = agent.check(done)
+        if why is not None or done is None or agent is None:
+            self.local_fallbacks += 1
+            log.warning("request %s: prefilling locally, not pulling KV: %s", rid, why)
+            if done is not None and agent is not None:
+                agent.stats.refused_pulls += 1
+                agent.release_later(done)
+            return
+        # At least the last known token is computed here (it samples the next one).
+        req.import_tokens = min(done.num_tokens, len(req.tokens) - 1)
+        req.import_params = done
+
+    def _export(self, seq: Seq, pinned: KvSequence) -> None:
+        agent = self._agent
+        sched = self._sched
+        assert agent is not None and sched is not None
+
+        def release() -> None:
+            sched.block_manager.free(pinned)
+            self._wake.set()  # a request may be waiting for these blocks
+
+        seq.transfer_params = agent.export(pinned.block_ids, seq.num_computed, release)
+
+    def _start_pulls(self, plan: StepPlan) -> None:
+        for seq in plan.imports:
+            task = asyncio.get_running_loop().create_task(self._pull(seq))
+            self._pulls.add(task)
+            task.add_done_callback(self._pulls.discard)
+
+    async def _pull(self, seq: Seq) -> None:
+        agent = self._agent
+        done: PrefillDone = seq.import_params
+        seq.import_params = None
+        ok = False
+        try:
+            if agent is None:
+                raise KvTransferError("the engine is stopping")
+            bs = self._block_size
+            first = seq.num_computed // bs  # leading blocks cached here already
+            end = -(-seq.import_tokens // bs)
+            src = done.remote_block_ids[first:end]
+            if len(src) < end - first:
+                raise KvTransferError(
+                    f"{len(done.remote_block_ids)} blocks sent for {seq.import_tokens} tokens"
+                )
+            if src:
+                await agent.pull(done, src, seq.kv.block_ids[first:end])
+            else:
+                agent.release_later(done)  # everything was cached here
+            ok = True
+        except KvTransferError as exc:
+            self.local_fallbacks += 1
+            log.warning("request %s: prefilling locally: %s", seq.seq_id, exc)
+        finally:
+            if self._sched is not None:
+                self._sched.import_done(seq, ok)
+                if seq.finish_reason is not None and isinstance(seq, WaitingSeq):
+                    seq.wake()
+            self._wake.set()
 
     def _start_loop(self) -> None:
         """Start the step loop; the engine is RUNNING from here on."""
@@ -227,11 +374,18 @@ class ScheduledEngine(EngineBase):
             await self._wake.wait()
             return None
         plan = sched.schedule()
+        if plan.imports:
+            self._start_pulls(plan)
         for seq in plan.finished:
             if isinstance(seq, WaitingSeq):
                 seq.wake()
         if not plan.seqs:
-            await asyncio.sleep(0)
+            if sched.num_receiving:
+                # Nothing runs until a transfer lands (it sets the event).
+                self._wake.clear()
+                await self._wake.wait()
+            else:
+                await asyncio.sleep(0)
             return None
         return plan
 

@@ -35,6 +35,7 @@ import logging
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from dynamo_gateway.kv.block_manager import BlockManager, KvSequence
 from dynamo_gateway.protocol.engine import EngineOutput, FinishReason, TokenLogprob
@@ -56,6 +57,7 @@ class SeqStatus(enum.IntEnum):
     WAITING = 1  # queued for admission: new, or preempted and due to recompute its KV
     RUNNING = 2  # holds KV blocks; prefilling (in chunks) or decoding one token per step
     FINISHED = 3  # ended (`finish_reason` set); its blocks are back in the pool
+    RECEIVING = 4  # holds KV blocks that a transfer from a prefill worker is filling
 
 
 # Module-level aliases: the hot loops compare statuses by identity once per token.
@@ -63,6 +65,7 @@ _NEW = SeqStatus.NEW
 _WAITING = SeqStatus.WAITING
 _RUNNING = SeqStatus.RUNNING
 _FINISHED = SeqStatus.FINISHED
+_RECEIVING = SeqStatus.RECEIVING
 
 
 class Seq:
@@ -80,8 +83,11 @@ class Seq:
         "cached_tokens",
         "chunk",
         "error",
+        "export",
         "finish_reason",
         "first_sent",
+        "import_params",
+        "import_tokens",
         "kv",
         "logprobs",
         "num_computed",
@@ -94,6 +100,7 @@ class Seq:
         "seq_id",
         "status",
         "tokens",
+        "transfer_params",
     )
 
     def __init__(
@@ -123,6 +130,14 @@ class Seq:
         self.first_sent = False
         # One entry per generated token when the request asked for logprobs.
         self.logprobs: list[TokenLogprob] | None = [] if logprobs else None
+        # Disaggregation. Prefill leg: keep the blocks pinned when it ends after its
+        # token (`Scheduler.on_export`); `transfer_params` then go out with the last
+        # output. Decode leg: the first `import_tokens` tokens' KV comes from a
+        # transfer (`import_params`, the engine's business) instead of a prefill.
+        self.export = False
+        self.transfer_params: dict[str, Any] | None = None
+        self.import_tokens = 0
+        self.import_params: Any = None
 
     @property
     def num_generated(self) -> int:
@@ -161,6 +176,8 @@ class Seq:
             out.cached_tokens = self.cached_tokens
         if self.error is not None:
             out.error = self.error
+        if self.transfer_params is not None and self.finish_reason is not None:
+            out.kv_transfer_params = self.transfer_params
         return out
 
     def __repr__(self) -> str:
@@ -188,6 +205,9 @@ class StepPlan:
     # their outputs are due now, they are not part of the step.
     finished: list[Seq] = field(default_factory=list)
     num_preempted: int = 0
+    # Admitted now with blocks to be filled by a KV transfer (status RECEIVING): the
+    # engine starts their pulls and calls `Scheduler.import_done()` for each.
+    imports: list[Seq] = field(default_factory=list)
 
 
 class Scheduler:
@@ -214,7 +234,11 @@ class Scheduler:
         self._seqs: dict[str, Seq] = {}  # live (waiting or running) sequences by id
         self._waiting: deque[Seq] = deque()
         self._running: list[Seq] = []  # in admission order
+        self._receiving: dict[str, Seq] = {}  # admitted, their KV arriving by transfer
         self._num_preemptions = 0
+        # Called when a sequence with `export` set ends after sampling, with a second
+        # reference to its computed blocks; the callee frees that one when done.
+        self.on_export: Callable[[Seq, KvSequence], None] | None = None
 
     # -- state and load -------------------------------------------------------------------
 
@@ -238,6 +262,10 @@ class Scheduler:
     def num_preemptions(self) -> int:
         """Sequences sent back to the waiting queue so far."""
         return self._num_preemptions
+
+    @property
+    def num_receiving(self) -> int:
+        return len(self._receiving)
 
     @property
     def has_work(self) -> bool:
@@ -295,8 +323,17 @@ class Scheduler:
         status = seq.status
         if status is _FINISHED:
             return False
+        if status is _RECEIVING:
+            # A transfer is still writing into its blocks: `import_done()` frees them.
+            del self._receiving[seq.seq_id]
+            self._seqs.pop(seq.seq_id, None)
+            self._end(seq, reason, error)
+            return True
         if status is _RUNNING:
             self._running.remove(seq)
+            if seq.export and reason is FinishReason.LENGTH and self.on_export is not None:
+                computed = self._blocks.blocks_for(seq.num_computed)
+                self.on_export(seq, self._blocks.share(seq.kv, computed))
         elif status is _WAITING:
             self._waiting.remove(seq)
         self._blocks.free(seq.kv)
@@ -323,6 +360,24 @@ class Scheduler:
         seq.status = _FINISHED
         seq.finish_reason = reason
         seq.error = error
+
+    def import_done(self, seq: Seq, ok: bool) -> None:
+        """A RECEIVING sequence's transfer ended: it runs on from the imported tokens.
+
+        ``ok`` False (the transfer failed): it prefills what it lacks itself. One
+        that ended meanwhile only gets its blocks freed.
+        """
+        if seq.status is _FINISHED:
+            self._blocks.free(seq.kv)
+            return
+        if seq.status is not _RECEIVING:
+            raise ValueError(f"{seq!r} is not receiving KV")
+        del self._receiving[seq.seq_id]
+        seq.status = _RUNNING
+        self._running.append(seq)
+        if ok:
+            seq.num_computed = max(seq.num_computed, seq.import_tokens)
+        seq.import_tokens = 0
 
     def _preempt(self, seq: Seq) -> None:
         """Send a running sequence back to the head of the queue; it will recompute its KV."""
@@ -399,22 +454,34 @@ class Scheduler:
                 prefill_tokens += chunk
 
         waiting = self._waiting
-        while not preempted and waiting and budget > 0 and len(running) < self._max_num_seqs:
+        receiving = self._receiving
+        while (
+            not preempted
+            and waiting
+            and budget > 0
+            and len(running) + len(receiving) < self._max_num_seqs
+        ):
             seq = waiting[0]
-            if not blocks.allocate(seq.kv, seq.tokens, reserve=1 if running else 0):
-                if running:
+            busy = bool(running or receiving)
+            if not blocks.allocate(seq.kv, seq.tokens, reserve=1 if busy else 0):
+                if busy:
                     break
                 # An empty cache can't hold it: it never will (add() checks this too).
                 self.finish(seq, FinishReason.ERROR, "prompt does not fit the KV cache")
                 plan.finished.append(seq)
                 continue
             waiting.popleft()
-            seq.status = _RUNNING
-            running.append(seq)
             cached = seq.kv.num_cached_tokens
             seq.num_computed = cached
             if not seq.first_sent:
                 seq.cached_tokens = cached
+            if seq.import_tokens:
+                seq.status = _RECEIVING
+                receiving[seq.seq_id] = seq
+                plan.imports.append(seq)
+                continue
+            seq.status = _RUNNING
+            running.append(seq)
             chunk = _take_chunk(seq, budget, batch, sampling)
             budget -= chunk
             prefill_tokens += chunk

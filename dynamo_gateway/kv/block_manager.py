@@ -288,6 +288,19 @@ class BlockManager:
             )
         )
 
+    def share(self, seq: KvSequence, num_blocks: int | None = None) -> KvSequence:
+        """A second reference to a sequence's first `num_blocks` blocks (default: all).
+
+        The blocks stay allocated (and their cached hashes stay in the cache)
+        until both are freed: how a finished prefill keeps its KV for a transfer.
+        """
+        ids = seq.block_ids if num_blocks is None else seq.block_ids[:num_blocks]
+        other = KvSequence()
+        other.block_ids = list(ids)
+        for bid in ids:
+            self._ref[bid] += 1
+        return other
+
     def free(self, seq: KvSequence) -> None:
         """Release a sequence's blocks, last block first (see the eviction order)."""
         ref = self._ref

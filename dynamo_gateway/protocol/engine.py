@@ -9,6 +9,7 @@ end with a default.
 from __future__ import annotations
 
 import enum
+from typing import Any
 
 import msgspec
 
@@ -59,6 +60,9 @@ class EngineRequest(msgspec.Struct, frozen=True, kw_only=True):
     # `max_tokens` keeps meaning the whole completion's length.
     resumed_token_ids: list[int] = []
     version: int = WIRE_VERSION
+    # Disaggregated serving (`dynamo_gateway.disagg.params`): {"do_remote_decode": true}
+    # on a prefill leg, the prefill leg's handoff on a decode leg; owned by the engine.
+    kv_transfer_params: dict[str, Any] | None = None
 
 
 class TokenLogprob(msgspec.Struct, frozen=True, array_like=True):
@@ -81,6 +85,8 @@ class EngineOutput(msgspec.Struct, kw_only=True):
     cached_tokens: int | None = None
     logprobs: list[TokenLogprob] | None = None
     error: str | None = None
+    # On a prefill leg's final output: where its KV blocks wait for the decode leg.
+    kv_transfer_params: dict[str, Any] | None = None
 
 
 class LoadMetrics(msgspec.Struct, frozen=True, kw_only=True):

@@ -19,6 +19,7 @@ import asyncio
 import logging
 from typing import cast
 
+from dynamo_gateway.disagg.layout import KvLayout
 from dynamo_gateway.engines.base import EngineContext, EngineState
 from dynamo_gateway.engines.mocker.text import TokenStream, WordSource, load_word_source
 from dynamo_gateway.engines.mocker.timing import TimingModel
@@ -113,11 +114,30 @@ class MockerEngine(ScheduledEngine):
             self._state = EngineState.FAILED
             self._failure = exc
             raise
+        mocker = self._context.settings.mocker
+        layout = KvLayout(
+            num_layers=mocker.kv_layers,
+            num_kv_heads=mocker.kv_heads,
+            head_dim=mocker.kv_head_dim,
+            block_size=self._block_size,
+            dtype="bfloat16",
+        )
+        # Transfers take simulated time like steps do: bandwidth times the speedup.
+        agent = self._new_agent(layout, simulated_gbps=mocker.kv_transfer_gbps * mocker.speedup)
+        if agent is not None:
+            try:
+                await self._start_agent(agent, None)
+            except BaseException as exc:
+                self._state = EngineState.FAILED
+                self._failure = exc
+                await agent.aclose()
+                raise
         self._start_loop()
 
     async def aclose(self) -> None:
         if not await self._stop_loop():
             return
+        await self._close_agent()
         self._blocks.clear()
         self._events.publish(self._blocks.drain_events())
 
@@ -127,6 +147,10 @@ class MockerEngine(ScheduledEngine):
         stream = self._words.stream(
             request.prompt_token_ids, temperature=sampling.temperature, seed=sampling.seed
         )
+        # Tokens generated elsewhere (a prefill worker, a lost worker) were this
+        # stream's first words: carry on after them, as one engine would have.
+        for _ in request.resumed_token_ids:
+            stream.next()
         return _Request(
             request.request_id,
             tokens,

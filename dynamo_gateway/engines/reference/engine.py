@@ -29,10 +29,13 @@ import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
+import numpy as np
 import torch
 
+from dynamo_gateway.disagg.layout import KvLayout
+from dynamo_gateway.disagg.transport import KvMemory
 from dynamo_gateway.engines.base import EngineContext, EngineState
 from dynamo_gateway.engines.reference.batch import ForwardBatch, SeqInput
 from dynamo_gateway.engines.reference.kv_cache import PagedKVCache, auto_num_blocks
@@ -40,12 +43,13 @@ from dynamo_gateway.engines.reference.model import ReferenceModel
 from dynamo_gateway.engines.reference.sampling import Sampler, SequenceSampler
 from dynamo_gateway.engines.scheduled import ScheduledEngine, WaitingSeq
 from dynamo_gateway.engines.scheduler import Scheduler, SeqStatus, StepPlan
-from dynamo_gateway.errors import EngineError
+from dynamo_gateway.errors import ConfigError, EngineError
 from dynamo_gateway.kv.block_manager import BlockManager
 from dynamo_gateway.protocol.engine import (
     EngineRequest,
     FinishReason,
     TokenLogprob,
+    WorkerRole,
 )
 
 __all__ = ["ReferenceEngine"]
@@ -89,6 +93,17 @@ class _Runtime:
     sampler: Sampler
 
 
+def _layout_of(model: ReferenceModel, block_size: int) -> KvLayout:
+    config = model.config
+    return KvLayout(
+        num_layers=config.num_layers,
+        num_kv_heads=config.num_kv_heads,
+        head_dim=config.head_dim,
+        block_size=block_size,
+        dtype=str(model.dtype).removeprefix("torch."),
+    )
+
+
 class ReferenceEngine(ScheduledEngine):
     """The torch engine for one worker; `ReferenceEngine(context)` is an `EngineFactory`."""
 
@@ -121,7 +136,10 @@ class ReferenceEngine(ScheduledEngine):
         self._executor = executor
         try:
             # Loading reads and converts every weight: seconds for a real model.
-            rt = await loop.run_in_executor(executor, self._load)
+            model, num_blocks = await loop.run_in_executor(executor, self._load_model)
+            agent = self._new_agent(_layout_of(model, self._block_size))
+            memory = agent.allocate(num_blocks) if agent is not None else None
+            rt = await loop.run_in_executor(executor, self._build, model, num_blocks, memory)
         except BaseException as exc:
             if self._state is EngineState.STARTING:
                 self._state = EngineState.FAILED
@@ -152,41 +170,60 @@ class ReferenceEngine(ScheduledEngine):
             max_num_batched_tokens=sched.max_num_batched_tokens,
             max_model_len=max_len,
         )
+        if agent is not None:
+            try:
+                await self._start_agent(agent, KvMemory(agent.layout, rt.cache.host_bytes()))
+            except BaseException as exc:
+                self._state = EngineState.FAILED
+                self._failure = exc
+                executor.shutdown(wait=False)
+                await agent.aclose()
+                raise
         self._start_loop()
         log.info(
-            "reference engine %s: %s, %d KV blocks of %d tokens",
+            "reference engine %s: %s, %d KV blocks of %d tokens%s",
             self._worker_id,
             rt.model.describe(),
             rt.blocks.num_blocks,
             self._block_size,
+            f", KV transports {agent.transports}" if agent is not None else "",
         )
 
-    def _load(self) -> _Runtime:
-        """Runs in the worker thread: load the model, size and allocate the KV cache."""
+    def _load_model(self) -> tuple[ReferenceModel, int]:
+        """Runs in the worker thread: load the model and size its KV cache."""
         settings = self._context.settings
         ref = settings.reference
         if ref.num_threads is not None:
             torch.set_num_threads(ref.num_threads)
         model = ReferenceModel.load(self._context.model.path, device=ref.device, dtype=ref.dtype)
-        bs = self._block_size
+        if self._context.role is not WorkerRole.AGGREGATED and model.device.type != "cpu":
+            raise ConfigError(
+                "the reference engine moves KV between workers from host memory only: "
+                "run prefill and decode workers with --device cpu"
+            )
         num_blocks = settings.cache.num_kv_blocks or auto_num_blocks(
             model.config,
-            block_size=bs,
+            block_size=self._block_size,
             dtype=model.dtype,
             device=model.device,
             memory_fraction=ref.kv_cache_memory_fraction,
             max_gb=ref.max_kv_cache_gb,
         )
-        cache = PagedKVCache(
-            num_layers=model.config.num_layers,
+        return model, num_blocks
+
+    def _build(
+        self, model: ReferenceModel, num_blocks: int, memory: np.ndarray[Any, Any] | None
+    ) -> _Runtime:
+        """Runs in the worker thread: allocate the KV cache (on `memory` if given)."""
+        cache = PagedKVCache.for_model(
+            model.config,
             num_blocks=num_blocks,
-            block_size=bs,
-            num_kv_heads=model.config.num_kv_heads,
-            head_dim=model.config.head_dim,
+            block_size=self._block_size,
             dtype=model.dtype,
             device=model.device,
+            memory=memory,
         )
-        blocks = BlockManager(num_blocks, bs, record_events=self._events.enabled)
+        blocks = BlockManager(num_blocks, self._block_size, record_events=self._events.enabled)
         return _Runtime(model=model, cache=cache, blocks=blocks, sampler=Sampler())
 
     async def aclose(self) -> None:
@@ -197,6 +234,7 @@ class ReferenceEngine(ScheduledEngine):
             # A step may still be running in the thread (its task was cancelled, the
             # thread was not): wait for it before the cache goes away.
             await asyncio.get_running_loop().run_in_executor(None, executor.shutdown, True)
+        await self._close_agent()
         rt, self._rt = self._rt, None
         if rt is not None:
             rt.blocks.clear()

@@ -18,7 +18,9 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 
 from dynamo_gateway.engines.reference.config import ModelConfig
@@ -41,7 +43,10 @@ class PagedKVCache:
         head_dim: int,
         dtype: torch.dtype,
         device: torch.device,
+        memory: np.ndarray[Any, Any] | None = None,
     ) -> None:
+        """``memory``: a zeroed host uint8 array of exactly the cache's bytes to build it on
+        (shared memory for a KV transport, see `dynamo_gateway.disagg`); default: its own."""
         if min(num_layers, num_blocks, block_size, num_kv_heads, head_dim) < 1:
             raise ValueError("every KV cache dimension must be positive")
         self.num_layers = num_layers
@@ -52,11 +57,13 @@ class PagedKVCache:
         self.dtype = dtype
         self.device = torch.device(device)
         # [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]
-        self.kv = torch.zeros(
-            (num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim),
-            dtype=dtype,
-            device=self.device,
-        )
+        shape = (num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim)
+        if memory is None:
+            self.kv = torch.zeros(shape, dtype=dtype, device=self.device)
+        else:
+            if self.device.type != "cpu":
+                raise ValueError("a KV cache on given memory must be on the CPU")
+            self.kv = torch.from_numpy(memory).view(dtype).view(shape)
         num_slots = num_blocks * block_size
         # Views made once, so that a step spends no dispatches on reshaping:
         # per layer, keys and values by slot ([2, num_slots, kv_heads, head_dim]) ...
@@ -68,6 +75,17 @@ class PagedKVCache:
             self.kv[i].view(2, num_blocks, block_size * num_kv_heads * head_dim)
             for i in range(num_layers)
         ]
+
+    def host_bytes(self) -> np.ndarray[Any, np.dtype[np.uint8]]:
+        """The cache as host bytes ``[layers * 2, num_blocks, page_bytes]`` (CPU only):
+        the `KvMemory` array that KV transports read and write."""
+        if self.device.type != "cpu":
+            raise ValueError("KV transfers need the reference engine's cache on the CPU")
+        planes = self.num_layers * 2
+        array: np.ndarray[Any, np.dtype[np.uint8]] = (
+            self.kv.view(torch.uint8).view(planes, self.num_blocks, -1).numpy()
+        )
+        return array
 
     @property
     def num_slots(self) -> int:
@@ -94,6 +112,7 @@ class PagedKVCache:
         block_size: int,
         dtype: torch.dtype,
         device: torch.device,
+        memory: np.ndarray[Any, Any] | None = None,
     ) -> PagedKVCache:
         """A cache shaped for `config`'s layers and KV heads."""
         return cls(
@@ -104,6 +123,7 @@ class PagedKVCache:
             head_dim=config.head_dim,
             dtype=dtype,
             device=device,
+            memory=memory,
         )
 
 

@@ -1,0 +1,60 @@
+"""`kv_transfer_params`: the engine-neutral handoff between a prefill and a decode leg.
+
+The same idea and shape as vLLM's: a plain JSON/msgpack mapping on
+`EngineRequest` and `EngineOutput` that the frontend carries from one leg to
+the other without reading more than the flags below.
+
+* Prefill leg request: ``{"do_remote_decode": true}`` (and ``max_tokens=1``).
+* Prefill leg final output: `PrefillDone` as a dict: who holds the blocks
+  (``remote_engine_id``), the ``transfer_id``, ``remote_block_ids`` (the
+  blocks of the first ``num_tokens`` prompt tokens, in order), the ``layout``,
+  ``transports`` (name -> descriptor: how to reach them) and ``expires_at``
+  (Unix time after which the source frees them).
+* Decode leg request: that dict as it came (``do_remote_prefill: true``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+__all__ = ["DO_REMOTE_DECODE", "DO_REMOTE_PREFILL", "PrefillDone", "parse_prefill_done"]
+
+DO_REMOTE_DECODE = "do_remote_decode"
+DO_REMOTE_PREFILL = "do_remote_prefill"
+
+
+class PrefillDone(msgspec.Struct, kw_only=True):
+    """What a prefill leg hands to its decode leg (see the module docstring)."""
+
+    do_remote_prefill: bool = True
+    remote_engine_id: str
+    transfer_id: str
+    remote_block_ids: list[int]
+    num_tokens: int
+    layout: dict[str, Any]
+    transports: dict[str, dict[str, Any]]
+    expires_at: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return msgspec.to_builtins(self)  # type: ignore[no-any-return]
+
+
+def parse_prefill_done(params: object) -> PrefillDone:
+    """Decode a decode leg's params; raises ValueError naming what is wrong."""
+    try:
+        done = msgspec.convert(params, PrefillDone)
+    except msgspec.ValidationError as exc:
+        raise ValueError(f"malformed kv_transfer_params: {exc}") from None
+    if done.num_tokens < 1 or not done.remote_block_ids:
+        raise ValueError("kv_transfer_params name no blocks")
+    return done
+
+
+def wants_remote_decode(params: dict[str, Any] | None) -> bool:
+    return bool(params and params.get(DO_REMOTE_DECODE))
+
+
+def is_remote_prefill(params: dict[str, Any] | None) -> bool:
+    return bool(params and params.get(DO_REMOTE_PREFILL))
