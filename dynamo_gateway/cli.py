@@ -48,9 +48,18 @@ def _parser() -> argparse.ArgumentParser:
     _add_engine_args(serve)
     serve.add_argument("--workers", type=int, help="engine workers to start (default 1)")
     serve.add_argument(
+        "--prefill-workers",
+        type=int,
+        help="disaggregated serving: prefill-only workers (default 0: aggregated)",
+    )
+    serve.add_argument(
+        "--decode-workers", type=int, help="with --prefill-workers: decode workers (default 1)"
+    )
+    serve.add_argument(
         "--router", help="routing policy (default kv with several workers, else round_robin)"
     )
     _add_router_args(serve)
+    _add_disagg_args(serve)
     serve.set_defaults(func=_cmd_serve)
 
     worker = sub.add_parser(
@@ -87,6 +96,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_runtime_args(frontend)
     frontend.add_argument("--router", help="routing policy (default kv)")
     _add_router_args(frontend)
+    _add_disagg_args(frontend)
     frontend.add_argument(
         "--router-replica-sync",
         action="store_true",
@@ -176,6 +186,30 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-kv-blocks", type=int, help="KV capacity in blocks")
     p.add_argument("--max-num-seqs", type=int, help="max concurrently running sequences")
     p.add_argument("--max-num-batched-tokens", type=int, help="token budget per engine step")
+    p.add_argument(
+        "--kv-transport",
+        help="prefill/decode roles: force this KV transport (default: the first that connects)",
+    )
+    p.add_argument(
+        "--kv-transfer-timeout",
+        type=float,
+        help="prefill role: free KV blocks not pulled within this many seconds (default 30)",
+    )
+
+
+def _add_disagg_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("disaggregation", "when a model has prefill workers")
+    g.add_argument(
+        "--disagg-min-prefill-tokens",
+        type=int,
+        help="prefill on the decode worker below this many uncached prompt tokens (default 512)",
+    )
+    g.add_argument(
+        "--disagg-max-queued-prefill-tokens",
+        type=int,
+        help="prefill locally while every prefill worker has this many tokens queued "
+        "(default 16384)",
+    )
 
 
 def _add_router_args(p: argparse.ArgumentParser) -> None:
@@ -232,6 +266,12 @@ _SETTINGS_MAP: dict[str, tuple[str, ...]] = {
     "engine": ("engine",),
     "max_model_len": ("max_model_len",),
     "workers": ("workers",),
+    "prefill_workers": ("prefill_workers",),
+    "decode_workers": ("decode_workers",),
+    "kv_transport": ("disagg", "kv_transport"),
+    "kv_transfer_timeout": ("disagg", "kv_transfer_timeout_s"),
+    "disagg_min_prefill_tokens": ("disagg", "min_prefill_tokens"),
+    "disagg_max_queued_prefill_tokens": ("disagg", "max_queued_prefill_tokens"),
     "router": ("router",),
     "router_replica_sync": ("runtime", "router_replica_sync"),
     "router_temperature": ("kv_router", "temperature"),
@@ -292,6 +332,15 @@ def _setup_logging(level: str) -> None:
     )
 
 
+def _fleet(settings: Any) -> str:
+    if settings.prefill_workers:
+        return (
+            f"prefill_workers={settings.prefill_workers}, "
+            f"decode_workers={settings.decode_workers or 1}"
+        )
+    return f"workers={settings.workers}"
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from dynamo_gateway.server import run_async, serve
 
@@ -302,7 +351,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         names = ", ".join(m.name or m.path.name for m in settings.models)
         print(
             f"dynamo-gateway serving {names} on {url} (engine={settings.engine}, "
-            f"workers={settings.workers} per model, router={settings.router_name})",
+            f"{_fleet(settings)} per model, router={settings.router_name})",
             flush=True,
         )
 

@@ -18,6 +18,7 @@ from dynamo_gateway.errors import ConfigError
 from dynamo_gateway.frontend.app import Gateway, build_app
 from dynamo_gateway.models.card import ModelCard
 from dynamo_gateway.plugins import Plugins, load_plugins
+from dynamo_gateway.protocol.engine import WorkerRole
 from dynamo_gateway.runtime.connect import connect_discovery, connect_events
 from dynamo_gateway.runtime.discovery import MemoryDiscovery
 from dynamo_gateway.runtime.events import MemoryEventPlane
@@ -67,20 +68,29 @@ async def embedded(settings: Settings, plugins: Plugins | None = None) -> AsyncI
     manager = ModelManager(settings, plugins.registry, resolver, events, migration_limit=0)
     follow = asyncio.get_running_loop().create_task(manager.follow(discovery))
     workers: list[LocalWorkers] = []
+    # Disaggregated: prefill-only workers and decode workers, KV moved in-process.
+    fleet = [(WorkerRole.AGGREGATED, settings.workers)]
+    if settings.prefill_workers:
+        fleet = [
+            (WorkerRole.PREFILL, settings.prefill_workers),
+            (WorkerRole.DECODE, settings.decode_workers or 1),
+        ]
     try:
         for card in cards:
-            workers.append(
-                await start_local_workers(
-                    settings,
-                    plugins.registry,
-                    card,
-                    discovery=discovery,
-                    events=events,
-                    resolver=resolver,
-                    count=settings.workers,
+            for role, count in fleet:
+                workers.append(
+                    await start_local_workers(
+                        settings,
+                        plugins.registry,
+                        card,
+                        discovery=discovery,
+                        events=events,
+                        resolver=resolver,
+                        count=count,
+                        role=role,
+                    )
                 )
-            )
-            await _wait_for_pool(manager, card.served_name)
+            await _wait_for_pool(manager, card.served_name, sum(n for _, n in fleet))
         yield Gateway(settings, manager)
     finally:
         for group in workers:
@@ -127,10 +137,17 @@ async def distributed(settings: Settings, plugins: Plugins | None = None) -> Asy
         await events.aclose()
 
 
-async def _wait_for_pool(manager: ModelManager, model: str, timeout: float = 30.0) -> None:
+async def _wait_for_pool(
+    manager: ModelManager, model: str, workers: int = 1, timeout: float = 30.0
+) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    while model not in manager.pools:
+
+    def joined() -> int:
+        pool = manager.pools.get(model)
+        return len(pool.workers) + len(pool.prefill_workers) if pool is not None else 0
+
+    while joined() < workers:
         if loop.time() > deadline:
             raise ConfigError(f"workers for {model!r} did not register within {timeout} s")
         await asyncio.sleep(0.01)

@@ -143,15 +143,27 @@ class Gateway:
         kv_resyncs = counter(
             "kv_resyncs", "KV snapshots applied after an event gap or a new worker", ["model"]
         )
+        remote = counter(
+            "remote_prefill", "Requests prefilled on a prefill worker, KV moved", ["model"]
+        )
+        local = counter(
+            "local_prefill",
+            "Requests of a disaggregated model prefilled on their decode worker, by reason",
+            ["model", "reason"],
+        )
         router_metrics = _RouterMetrics()
         for name, pool in self.manager.pools.items():
             router_metrics.add(name, pool.router)
             migrations.add_metric([name], pool.migrations)
+            if pool.remote_prefills or pool.local_prefills or pool.prefill_workers:
+                remote.add_metric([name], pool.remote_prefills)
+                for reason, n in pool.local_prefills.items():
+                    local.add_metric([name, reason], n)
             if pool.kv_sync is not None:
                 kv_events.add_metric([name], pool.kv_sync.events_delivered)
                 kv_resyncs.add_metric([name], pool.kv_sync.snapshots_applied)
             roles: dict[str, int] = {}
-            for wid, w in pool.workers.items():
+            for wid, w in [*pool.workers.items(), *pool.prefill_workers.items()]:
                 roles[w.record.role.value] = roles.get(w.record.role.value, 0) + 1
                 w.refresh_load()
                 load = w.view.load
@@ -168,6 +180,8 @@ class Gateway:
             used,
             total,
             migrations,
+            remote,
+            local,
             kv_events,
             kv_resyncs,
             *router_metrics.families(),
@@ -278,7 +292,8 @@ class Gateway:
 
     async def ready(self, request: Request) -> Response:
         models = {name: pool.live_workers() for name, pool in self.manager.pools.items()}
-        ready = bool(models) and all(models.values())
+        # A model is servable once it has a worker that decodes (prefill-only ones can't).
+        ready = bool(models) and all(p.workers for p in self.manager.pools.values())
         body = {"status": "ready" if ready else "not ready", "models": models}
         return JSONBytes(msgspec.json.encode(body), status_code=200 if ready else 503)
 
@@ -287,7 +302,7 @@ class Gateway:
         healthy = bool(self.manager.pools)
         for name, pool in self.manager.pools.items():
             workers: dict[str, str] = {}
-            for wid, worker in pool.workers.items():
+            for wid, worker in [*pool.workers.items(), *pool.prefill_workers.items()]:
                 try:
                     await worker.check_health()
                     workers[wid] = "healthy"

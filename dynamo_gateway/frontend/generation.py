@@ -13,6 +13,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from dynamo_gateway.disagg.flow import DisaggRouted
 from dynamo_gateway.errors import EngineError, UnavailableError
 from dynamo_gateway.frontend.encoding import (
     DONE,
@@ -69,7 +70,7 @@ class ChoiceRun:
         self.logprobs: list[TokenLogprob] = []
         self.text_len = 0
 
-    def _route(self) -> Routed:
+    def _route(self) -> Routed | DisaggRouted:
         c = self.choice
         return self.prep.pool.route(c.route, c.engine_request)
 

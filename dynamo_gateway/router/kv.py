@@ -260,6 +260,19 @@ class KvRouter(RouterBase):
         self._latencies.append(t3 - t0)
         return chosen
 
+    def overlap_blocks(self, request: RouteRequest, worker_id: str) -> int:
+        """Leading blocks of `request` that the index says `worker_id` caches.
+
+        Cheap right after `select()` for the same request (its match is reused).
+        """
+        last = self._last
+        if last is not None and last[0] == request.request_id:
+            _, hashes, matches = last
+        else:
+            hashes = sequence_hashes(request.token_ids, self.block_size)
+            matches = self.indexer.find_matches(hashes) if hashes else {}
+        return min(matches.get(worker_id, 0), len(hashes))
+
     def state_of(
         self, view: WorkerView, hashes: Sequence[int], num_tokens: int, matches: dict[str, int]
     ) -> WorkerState:

@@ -56,9 +56,17 @@ async def start_local_workers(
 
     try:
         for i in range(count):
-            worker_id = f"{card.served_name}-{settings.engine}-{i}"
+            suffix = f"{role.value}-{i}" if role is not WorkerRole.AGGREGATED else str(i)
+            worker_id = f"{card.served_name}-{settings.engine}-{suffix}"
             engine = factory(
-                EngineContext(settings, card, worker_id, role=role, publish_kv_event=publish)
+                EngineContext(
+                    settings,
+                    card,
+                    worker_id,
+                    role=role,
+                    publish_kv_event=publish,
+                    registry=registry,
+                )
             )
             await engine.start()
             workers.engines[worker_id] = engine

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, ClassVar, Protocol
 
 import msgspec
 
+from dynamo_gateway.disagg.flow import DisaggRouted
+from dynamo_gateway.disagg.policy import Decision, LocalReason, PrefillLoad, decide
 from dynamo_gateway.engines.base import Engine
 from dynamo_gateway.errors import (
     ConfigError,
@@ -27,7 +29,7 @@ from dynamo_gateway.errors import (
 )
 from dynamo_gateway.models.card import ModelCard
 from dynamo_gateway.preprocess import ChatTemplate, Tokenizer
-from dynamo_gateway.protocol.engine import EngineOutput, EngineRequest, LoadMetrics
+from dynamo_gateway.protocol.engine import EngineOutput, EngineRequest, LoadMetrics, WorkerRole
 from dynamo_gateway.protocol.kv_events import KvEvent, KvSnapshot
 from dynamo_gateway.router.base import (
     NoWorkerError,
@@ -43,6 +45,8 @@ from dynamo_gateway.runtime.kv_sync import KvEventSync, engine_kv_snapshot
 if TYPE_CHECKING:
     from dynamo_gateway.registry import Registry
     from dynamo_gateway.settings import Settings
+
+from dynamo_gateway.settings import DisaggSettings
 
 log = logging.getLogger(__name__)
 
@@ -262,7 +266,10 @@ class Routed:
         worker.view.inflight += 1
         pool.routed(self._route, worker.view)
         self._closed = False
-        self.stream = worker.generate(msgspec.structs.replace(request, resumed_token_ids=resumed))
+        # A handoff from a prefill worker was for the lost worker: this one prefills.
+        self.stream = worker.generate(
+            msgspec.structs.replace(request, resumed_token_ids=resumed, kv_transfer_params=None)
+        )
 
     async def _release(self) -> None:
         if self._closed:
@@ -297,6 +304,8 @@ class ModelPool:
         *,
         migration_limit: int = 0,
         migration_wait_s: float = 0.0,
+        prefill_router: Router | None = None,
+        disagg: DisaggSettings | None = None,
     ) -> None:
         self.card = card
         self.name = card.served_name
@@ -314,18 +323,47 @@ class ModelPool:
         self.tasks: list[asyncio.Task[None]] = []  # event-plane feeds of this model
         self.kv_sync: KvEventSync | None = None
         self.replica: ReplicaPublisher | None = None  # set with router replica sync
+        # Disaggregation: prefill-only workers have their own set and router.
+        self.prefill_router = prefill_router or router
+        self.disagg = disagg or DisaggSettings()
+        self.prefill_workers: dict[str, WorkerHandle] = {}
+        self._prefill_views: list[WorkerView] = []
+        self.prefill_load = PrefillLoad()
+        self.remote_prefills = 0
+        self.local_prefills: dict[str, int] = {}
 
     def add(self, worker: WorkerHandle) -> None:
-        self.workers[worker.record.worker_id] = worker
+        wid = worker.record.worker_id
+        if worker.record.role is WorkerRole.PREFILL:
+            self.prefill_workers[wid] = worker
+            self._prefill_views = [w.view for w in self.prefill_workers.values()]
+            return
+        self.workers[wid] = worker
         self._views = [w.view for w in self.workers.values()]
         self._joined.set()
         self._joined.clear()
 
     def get_worker(self, worker_id: str) -> WorkerHandle | None:
-        return self.workers.get(worker_id) or self.draining.get(worker_id)
+        return (
+            self.workers.get(worker_id)
+            or self.prefill_workers.get(worker_id)
+            or self.draining.get(worker_id)
+        )
+
+    def router_of(self, worker_id: str) -> Router:
+        """The router that places requests on this worker (prefill or decode)."""
+        return self.prefill_router if worker_id in self.prefill_workers else self.router
+
+    def on_kv_event(self, event: KvEvent) -> None:
+        self.router_of(event.worker_id).on_kv_event(event)
 
     def drain(self, worker_id: str) -> None:
         """Route nothing new to the worker; its in-flight requests go on."""
+        prefill = self.prefill_workers.pop(worker_id, None)
+        if prefill is not None:
+            self.draining[worker_id] = prefill
+            self._prefill_views = [w.view for w in self.prefill_workers.values()]
+            return
         worker = self.workers.pop(worker_id, None)
         if worker is not None:
             # The router keeps its state of the worker (its requests still run, its
@@ -335,16 +373,26 @@ class ModelPool:
 
     def remove(self, worker_id: str) -> WorkerHandle | None:
         """Forget the worker; returns its handle (the caller closes it)."""
+        prefill = self.prefill_workers.pop(worker_id, None)
+        if prefill is not None:
+            self._prefill_views = [w.view for w in self.prefill_workers.values()]
+            self.prefill_router.remove_worker(worker_id)
+            self.prefill_load.remove_worker(worker_id)
+            return prefill
         worker = self.workers.pop(worker_id, None)
         if worker is not None:
             self._views = [w.view for w in self.workers.values()]
             self.router.remove_worker(worker_id)
             return worker
-        return self.draining.pop(worker_id, None)
+        worker = self.draining.pop(worker_id, None)
+        if worker is not None and worker.record.role is WorkerRole.PREFILL:
+            self.prefill_router.remove_worker(worker_id)
+            self.prefill_load.remove_worker(worker_id)
+        return worker
 
     @property
     def empty(self) -> bool:
-        return not self.workers and not self.draining
+        return not self.workers and not self.draining and not self.prefill_workers
 
     def select(self, request: RouteRequest, exclude: set[str] | None = None) -> WorkerHandle:
         views = self._views
@@ -409,12 +457,81 @@ class ModelPool:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._joined.wait(), remaining)
 
-    def route(self, route: RouteRequest, request: EngineRequest) -> Routed:
-        """Pick a worker and start `request` there; the caller must `close()` it."""
+    def route(self, route: RouteRequest, request: EngineRequest) -> Routed | DisaggRouted:
+        """Pick a worker and start `request` there; the caller must `close()` it.
+
+        With prefill workers the decode worker is picked first, then
+        `disagg.policy.decide` says whether a prefill worker computes the prompt
+        (a `DisaggRouted`) or the decode worker does (a `Routed`).
+        """
         worker = self.select(route)
+        decision = self._decide(route, request, worker) if self._has_disagg else None
+        prefill: WorkerHandle | None = None
+        if decision is not None and decision.remote:
+            try:
+                prefill = self._select_prefill(route)
+            except UnavailableError:
+                decision = Decision(False, LocalReason.NO_PREFILL_WORKERS)
         worker.view.inflight += 1
         self.routed(route, worker.view)
+        if prefill is not None:
+            self.remote_prefills += 1
+            tokens = len(route.token_ids)
+            return DisaggRouted(self, route, request, prefill, worker, tokens)
+        if decision is not None and decision.reason is not None:
+            self.count_local(decision.reason)
         return Routed(self, route, request, worker, self.migration_limit)
+
+    # -- disaggregation -------------------------------------------------------------------
+
+    @property
+    def _has_disagg(self) -> bool:
+        return bool(self.prefill_workers) or any(
+            w.record.role is WorkerRole.DECODE for w in self.workers.values()
+        )
+
+    def _decide(
+        self, route: RouteRequest, request: EngineRequest, worker: WorkerHandle
+    ) -> Decision:
+        overlap = getattr(self.router, "overlap_blocks", None)
+        cached = overlap(route, worker.record.worker_id) * worker.view.block_size if overlap else 0
+        settings = self.disagg
+        return decide(
+            prompt_tokens=len(route.token_ids),
+            cached_tokens=cached,
+            new_tokens_wanted=request.sampling.max_tokens - len(request.resumed_token_ids),
+            prefill_workers=len(self.prefill_workers),
+            decode_role=worker.record.role is WorkerRole.DECODE,
+            least_queued_prefill_tokens=self.prefill_load.least(list(self.prefill_workers)),
+            min_prefill_tokens=settings.min_prefill_tokens,
+            max_queued_prefill_tokens=settings.max_queued_prefill_tokens,
+        )
+
+    def _select_prefill(self, route: RouteRequest) -> WorkerHandle:
+        views = self._prefill_views
+        if not views:
+            raise UnavailableError(f"no prefill worker serves model {self.name!r}")
+        for view in views:
+            self.prefill_workers[view.worker_id].refresh_load()
+        try:
+            view = self.prefill_router.select(route, views)
+        except NoWorkerError:
+            raise UnavailableError(f"no prefill worker serves model {self.name!r}") from None
+        return self.prefill_workers[view.worker_id]
+
+    def count_local(self, reason: str) -> None:
+        self.local_prefills[reason] = self.local_prefills.get(reason, 0) + 1
+
+    def prefill_started(self, route: RouteRequest, worker: WorkerHandle, tokens: int) -> None:
+        worker.view.inflight += 1
+        self.prefill_router.on_routed(route, worker.view)
+        self.prefill_load.add(route.request_id, worker.record.worker_id, tokens)
+
+    def prefill_ended(self, request_id: str, worker: WorkerHandle) -> None:
+        worker.view.inflight -= 1
+        self.prefill_router.on_first_token(request_id)
+        self.prefill_router.on_finished(request_id)
+        self.prefill_load.done(request_id)
 
     async def stream(
         self, route: RouteRequest, request: EngineRequest
@@ -432,7 +549,8 @@ class ModelPool:
             await routed.close()
 
     def live_workers(self) -> int:
-        return len(self.workers)
+        """Routable workers, prefill-only ones included."""
+        return len(self.workers) + len(self.prefill_workers)
 
 
 class ModelManager:
@@ -496,7 +614,7 @@ class ModelManager:
         known = pool.get_worker(wid) if pool is not None else None
         if pool is not None and known is not None and known.record.address == record.address:
             known.record = record  # an update of a worker we know
-            if record.draining and wid in pool.workers:
+            if record.draining and (wid in pool.workers or wid in pool.prefill_workers):
                 pool.drain(wid)
                 log.info("worker %s of model %s is draining", wid, record.model)
             return
@@ -540,7 +658,8 @@ class ModelManager:
         tokenizer = Tokenizer.from_dir(card.path)
         template = ChatTemplate.from_dir(card.path)
         router_factory = self.registry.routers.get(self.settings.router_name)
-        router = router_factory(RouterContext(self.settings, record.model, record.block_size))
+        context = RouterContext(self.settings, record.model, record.block_size)
+        router = router_factory(context)
         pool = ModelPool(
             card,
             tokenizer,
@@ -548,11 +667,13 @@ class ModelManager:
             router,
             migration_limit=self.migration_limit,
             migration_wait_s=self.settings.runtime.migration_wait_s,
+            prefill_router=router_factory(context),
+            disagg=self.settings.disagg,
         )
         if self.events is not None:
             loop = asyncio.get_running_loop()
             pool.kv_sync = KvEventSync(
-                router.on_kv_event, lambda worker_id: self._fetch_snapshot(pool, worker_id)
+                pool.on_kv_event, lambda worker_id: self._fetch_snapshot(pool, worker_id)
             )
             pool.tasks.append(
                 loop.create_task(self._feed_kv_events(pool), name=f"kv-events-{record.model}")
@@ -630,7 +751,8 @@ class ModelManager:
             for task in pool.tasks:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-            for handle in [*pool.workers.values(), *pool.draining.values()]:
+            handles = [*pool.workers.values(), *pool.prefill_workers.values()]
+            for handle in [*handles, *pool.draining.values()]:
                 self._close_handle(handle)
         if self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)

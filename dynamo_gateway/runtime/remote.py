@@ -133,6 +133,7 @@ def _merge(first: EngineOutput, rest: collections.deque[EngineOutput]) -> Engine
         cached_tokens=first.cached_tokens,
         logprobs=logprobs,
         error=last.error,
+        kv_transfer_params=last.kv_transfer_params,
     )
 
 

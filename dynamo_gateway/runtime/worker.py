@@ -20,13 +20,21 @@ import logging
 import os
 import signal
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 import msgspec
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
 
+from dynamo_gateway.disagg.agent import LATENCY_BUCKETS, KvTransferAgent
 from dynamo_gateway.engines.base import Engine, EngineContext
 from dynamo_gateway.errors import ConfigError
 from dynamo_gateway.models.card import ModelCard
@@ -87,7 +95,12 @@ class Worker:
         factory = self.plugins.registry.engines.get(settings.engine)
         self.engine = factory(
             EngineContext(
-                settings, self.card, self.worker_id, role=self.role, publish_kv_event=publish
+                settings,
+                self.card,
+                self.worker_id,
+                role=self.role,
+                publish_kv_event=publish,
+                registry=self.plugins.registry,
             )
         )
         await self.engine.start()
@@ -207,6 +220,9 @@ class Worker:
         registry = CollectorRegistry()
         labels = {"worker_id": self.worker_id, "model": self.card.served_name}
         load = self.engine.load()
+        agent = getattr(self.engine, "kv_transfer_agent", None)
+        if agent is not None:
+            registry.register(_TransferCollector(agent, labels))
         for name, doc, value in (
             ("active_requests", "Requests running in the engine", load.active_requests),
             ("waiting_requests", "Requests waiting for a batch slot", load.waiting_requests),
@@ -219,6 +235,66 @@ class Worker:
             gauge = Gauge(f"dynamo_gateway_worker_{name}", doc, list(labels), registry=registry)
             gauge.labels(**labels).set(value)
         return 200, CONTENT_TYPE_LATEST, generate_latest(registry)
+
+
+class _TransferCollector(Collector):
+    """A worker's KV-transfer counters, read at scrape time."""
+
+    def __init__(self, agent: KvTransferAgent, labels: dict[str, str]) -> None:
+        self._agent = agent
+        self._labels = labels
+
+    def collect(self) -> Iterable[Metric]:
+        stats = self._agent.stats
+        names = list(self._labels)
+        values = list(self._labels.values())
+        moved = CounterMetricFamily(
+            "dynamo_gateway_worker_kv_transfer_bytes",
+            "KV bytes pulled from prefill workers, by transport",
+            labels=[*names, "transport"],
+        )
+        pulls = CounterMetricFamily(
+            "dynamo_gateway_worker_kv_transfers",
+            "KV transfers pulled, by transport",
+            labels=[*names, "transport"],
+        )
+        for transport, nbytes in stats.bytes_by_transport.items():
+            moved.add_metric([*values, transport], nbytes)
+            pulls.add_metric([*values, transport], stats.pulls_by_transport[transport])
+        failed = CounterMetricFamily(
+            "dynamo_gateway_worker_kv_transfer_failures",
+            "KV pulls that failed or were refused (the request prefilled here instead)",
+            labels=[*names, "kind"],
+        )
+        failed.add_metric([*values, "failed"], stats.failed_pulls)
+        failed.add_metric([*values, "refused"], stats.refused_pulls)
+        buckets: list[tuple[str, float]] = []
+        total = 0
+        for bound, count in zip(
+            [*(str(b) for b in LATENCY_BUCKETS), "+Inf"], stats.latency_buckets, strict=True
+        ):
+            total += count
+            buckets.append((bound, total))
+        latency = HistogramMetricFamily(
+            "dynamo_gateway_worker_kv_transfer_seconds",
+            "Time to pull one request's KV blocks and release them at the source",
+            labels=names,
+        )
+        latency.add_metric(values, buckets, stats.latency_sum_s)
+        pinned = GaugeMetricFamily(
+            "dynamo_gateway_worker_kv_pinned_blocks",
+            "KV blocks held for decode workers to pull",
+            labels=names,
+        )
+        pinned.add_metric(values, self._agent.pinned_blocks)
+        exports = CounterMetricFamily(
+            "dynamo_gateway_worker_kv_exports",
+            "Prefills whose KV was kept for a decode worker, by how they ended",
+            labels=[*names, "outcome"],
+        )
+        for why, n in stats.released.items():
+            exports.add_metric([*values, why], n)
+        return [moved, pulls, failed, latency, pinned, exports]
 
 
 async def run_worker(
