@@ -208,7 +208,7 @@ def _add_disagg_args(p: argparse.ArgumentParser) -> None:
         "--disagg-max-queued-prefill-tokens",
         type=int,
         help="prefill locally while every prefill worker has this many tokens queued "
-        "(default 16384)",
+        "(default 65536)",
     )
 
 

@@ -106,7 +106,7 @@ class DisaggSettings(BaseModel):
         description="prompts with fewer uncached tokens than this prefill on the decode worker",
     )
     max_queued_prefill_tokens: int = Field(
-        16384,
+        65536,
         ge=1,
         description="prefill tokens in flight per prefill worker above which new "
         "prefills stay local (the prefill pool is saturated)",

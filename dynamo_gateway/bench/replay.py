@@ -92,6 +92,15 @@ class ReplayConfig:
     engine: str = "mocker"
     workers: int = 1
     router: str = "round_robin"
+    #: Disaggregated fleet: this many prefill workers (0: `workers` aggregated ones) ...
+    prefill_workers: int = 0
+    #: ... and this many decode workers.
+    decode_workers: int = 1
+    #: Prefill locally below this many uncached prompt tokens (`disagg.min_prefill_tokens`);
+    #: 0 disaggregates every request; None: the settings' default.
+    disagg_min_prefill_tokens: int | None = None
+    #: Mocker: simulated KV transfer bandwidth in GB/s; None: the settings' default.
+    kv_transfer_gbps: float | None = None
     arrival_speedup: float = 1.0
     speedup: float = 1.0
     trace_block_size: int = DEFAULT_TRACE_BLOCK_SIZE
@@ -117,6 +126,8 @@ class ReplayConfig:
         """Raise :class:`ValueError` for impossible settings."""
         if self.workers < 1:
             raise ValueError("workers must be >= 1")
+        if self.prefill_workers < 0 or self.decode_workers < 1:
+            raise ValueError("prefill_workers must be >= 0 and decode_workers >= 1")
         if not self.arrival_speedup > 0 or not math.isfinite(self.arrival_speedup):
             raise ValueError("arrival_speedup must be > 0")
         if not self.speedup > 0 or not math.isfinite(self.speedup):
@@ -306,6 +317,8 @@ def _settings(config: ReplayConfig, model: Path, requests: Sequence[TraceRequest
         "models": [{"path": model, "name": "replay"}],
         "engine": config.engine,
         "workers": config.workers,
+        "prefill_workers": config.prefill_workers,
+        "decode_workers": config.decode_workers,
         "router": config.router,
         "max_model_len": max_len,
         "log_level": "warning",
@@ -318,6 +331,10 @@ def _settings(config: ReplayConfig, model: Path, requests: Sequence[TraceRequest
             if name == "decode_ms_per_kv_block":
                 value *= settings.cache.block_size / 16
             setattr(settings.mocker, name, value)
+    if config.disagg_min_prefill_tokens is not None:
+        settings.disagg.min_prefill_tokens = config.disagg_min_prefill_tokens
+    if config.kv_transfer_gbps is not None:
+        settings.mocker.kv_transfer_gbps = config.kv_transfer_gbps
     if config.num_kv_blocks is not None:
         settings.cache.num_kv_blocks = config.num_kv_blocks
     elif settings.cache.num_kv_blocks is None:
@@ -371,7 +388,10 @@ async def run_replay(config: ReplayConfig) -> ReplayResult:
         synth = PromptSynthesizer(
             pool.tokenizer.vocab_size, config.trace_block_size, seed=config.seed
         )
-        return await _replay(config, app, synth, requests)
+        result = await _replay(config, app, synth, requests)
+        result.summary["remote_prefills"] = pool.remote_prefills
+        result.summary["local_prefills"] = dict(pool.local_prefills)
+        return result
 
 
 async def _replay(
@@ -528,6 +548,12 @@ def _fmt(v: Any, digits: int = 1) -> str:
     return "-" if v is None else f"{v:,.{digits}f}"
 
 
+def _fleet(c: ReplayConfig) -> str:
+    if c.prefill_workers:
+        return f"{c.prefill_workers} prefill + {c.decode_workers} decode x {c.engine}"
+    return f"{c.workers} x {c.engine}"
+
+
 def format_replay_summary(result: ReplayResult) -> str:
     """A human-readable multi-line summary."""
     c = result.config
@@ -535,7 +561,7 @@ def format_replay_summary(result: ReplayResult) -> str:
     lines = [
         f"trace       {c.trace}  requests={s['requests'] + s['errors']}  "
         f"arrival-speedup={c.arrival_speedup:g}  speedup={c.speedup:g}",
-        f"fleet       {c.workers} x {c.engine}  router={c.router}",
+        f"fleet       {_fleet(c)}  router={c.router}",
         f"completed   {s['requests']} ok, {s['errors']} errors in {s['duration_s']:.1f} s "
         f"trace time ({s['wall_s']:.1f} s wall, {s['process_cpu_s']:.1f} s CPU)",
         f"throughput  {s['req_per_s']:.2f} req/s  {s['output_tok_per_s']:,.0f} output tok/s",
@@ -556,6 +582,11 @@ def format_replay_summary(result: ReplayResult) -> str:
             + "".join(f"{_fmt(summ.get(k)):>10}" for k in ("mean", "p50", "p90", "p99"))
         )
     lines.append(f"ITL mean over all tokens: {_fmt(s['itl_token_mean_ms'], 2)} ms")
+    if c.prefill_workers:
+        lines.append(
+            f"prefill     {s.get('remote_prefills', 0)} remote, "
+            f"local: {s.get('local_prefills', {})}"
+        )
     if s["error_samples"]:
         lines.append("errors (most common):")
         for msg, count in s["error_samples"].items():

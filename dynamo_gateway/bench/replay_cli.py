@@ -32,6 +32,27 @@ def configure_replay_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=d.workers, help="engine workers")
     p.add_argument("--router", default=d.router, help=f"routing policy (default {d.router})")
     p.add_argument(
+        "--prefill-workers",
+        type=int,
+        default=d.prefill_workers,
+        help="disaggregated fleet: prefill workers (default 0: --workers aggregated ones)",
+    )
+    p.add_argument(
+        "--decode-workers",
+        type=int,
+        default=d.decode_workers,
+        help="with --prefill-workers: decode workers",
+    )
+    p.add_argument(
+        "--disagg-min-prefill-tokens",
+        type=int,
+        default=None,
+        help="prefill on the decode worker below this many uncached tokens (0: always remote)",
+    )
+    p.add_argument(
+        "--kv-transfer-gbps", type=float, default=None, help="mocker: simulated KV bandwidth"
+    )
+    p.add_argument(
         "--arrival-speedup",
         type=float,
         default=d.arrival_speedup,
@@ -125,6 +146,10 @@ def main(args: argparse.Namespace) -> int:
         engine=args.engine,
         workers=args.workers,
         router=args.router,
+        prefill_workers=args.prefill_workers,
+        decode_workers=args.decode_workers,
+        disagg_min_prefill_tokens=args.disagg_min_prefill_tokens,
+        kv_transfer_gbps=args.kv_transfer_gbps,
         arrival_speedup=args.arrival_speedup,
         speedup=args.speedup,
         trace_block_size=args.trace_block_size,

@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 
 # Transports tried in this order for a pair of workers; others (plugins) come after.
 PREFERENCE = ("inprocess", "shm", "nixl", "tcp")
+# What an engine without KV memory (the mocker) offers: enough to release exports.
+SIMULATED_TRANSPORTS = ("inprocess", "tcp")
 # A transfer this close to its expiry is not started: the blocks might go mid-read.
 EXPIRY_MARGIN_S = 1.0
 REAP_INTERVAL_S = 0.5
@@ -111,6 +113,9 @@ class KvTransferAgent:
         forced = settings.disagg.kv_transport
         family = registry.kv_transports
         names = [forced] if forced else transport_order(family.names())
+        if simulated_gbps is not None and not forced:
+            # Nothing to move: only what reaches a peer to release its blocks.
+            names = [n for n in names if n in SIMULATED_TRANSPORTS]
         for name in names:
             factory = family.get(name)  # PluginNotFoundError lists the available ones
             try:

@@ -261,6 +261,7 @@ class ScheduledEngine(EngineBase):
         self._agent = agent
         assert self._sched is not None
         self._sched.on_export = self._export
+        self._sched.on_import_dropped = self._import_dropped
 
     async def _close_agent(self) -> None:
         for task in list(self._pulls):
@@ -315,6 +316,12 @@ class ScheduledEngine(EngineBase):
             self._wake.set()  # a request may be waiting for these blocks
 
         seq.transfer_params = agent.export(pinned.block_ids, seq.num_computed, release)
+
+    def _import_dropped(self, seq: Seq) -> None:
+        """A decode leg ended before pulling: let the prefill worker free its blocks now."""
+        if self._agent is not None and seq.import_params is not None:
+            self._agent.release_later(seq.import_params)
+            seq.import_params = None
 
     def _start_pulls(self, plan: StepPlan) -> None:
         for seq in plan.imports:

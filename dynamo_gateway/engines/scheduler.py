@@ -239,6 +239,8 @@ class Scheduler:
         # Called when a sequence with `export` set ends after sampling, with a second
         # reference to its computed blocks; the callee frees that one when done.
         self.on_export: Callable[[Seq, KvSequence], None] | None = None
+        # Called when a sequence due to import KV ends before its transfer started.
+        self.on_import_dropped: Callable[[Seq], None] | None = None
 
     # -- state and load -------------------------------------------------------------------
 
@@ -336,6 +338,8 @@ class Scheduler:
                 self.on_export(seq, self._blocks.share(seq.kv, computed))
         elif status is _WAITING:
             self._waiting.remove(seq)
+            if seq.import_tokens and self.on_import_dropped is not None:
+                self.on_import_dropped(seq)  # ended before its transfer started
         self._blocks.free(seq.kv)
         self._seqs.pop(seq.seq_id, None)
         self._end(seq, reason, error)
@@ -377,6 +381,9 @@ class Scheduler:
         self._running.append(seq)
         if ok:
             seq.num_computed = max(seq.num_computed, seq.import_tokens)
+            # Only the prefill's sampled token is left to compute: that is a decode
+            # step (one token of a running sequence), not a prefill chunk.
+            seq.prefilling = seq.num_computed < len(seq.tokens) - 1
         seq.import_tokens = 0
 
     def _preempt(self, seq: Seq) -> None:

@@ -476,7 +476,10 @@ class ModelPool:
         self.routed(route, worker.view)
         if prefill is not None:
             self.remote_prefills += 1
-            tokens = len(route.token_ids)
+            # What the prefill worker will compute: the prompt less its cached prefix.
+            overlap = getattr(self.prefill_router, "overlap_blocks", None)
+            cached = overlap(route, prefill.record.worker_id) if overlap is not None else 0
+            tokens = max(len(route.token_ids) - cached * prefill.view.block_size, 1)
             return DisaggRouted(self, route, request, prefill, worker, tokens)
         if decision is not None and decision.reason is not None:
             self.count_local(decision.reason)

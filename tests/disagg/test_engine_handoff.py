@@ -207,3 +207,85 @@ async def test_mocker_handoff_equals_aggregated(card: ModelCard) -> None:
     finally:
         for engine in (agg, pre, dec):
             await engine.aclose()
+
+
+async def test_unpulled_export_is_freed_after_the_timeout(card: ModelCard) -> None:
+    settings = load_settings(
+        cache={"block_size": BS, "num_kv_blocks": 128},
+        disagg={"kv_transport": "tcp", "kv_transfer_timeout_s": 0.3},
+    )
+    pre = await started(ReferenceEngine, settings, card, "pre", WorkerRole.PREFILL)
+    try:
+        first = greedy("t", PROMPT, 1)
+        first = msgspec.structs.replace(first, kv_transfer_params={"do_remote_decode": True})
+        outs = await collect(pre, first)
+        assert outs[-1].kv_transfer_params is not None
+        agent = pre.kv_transfer_agent
+        assert agent is not None
+        assert agent.pinned_blocks == 10 and pre.load().kv_blocks_used == 10
+        await wait_unpinned(pre, timeout=3.0)  # nobody pulled: the reaper frees them
+        assert pre.load().kv_blocks_used == 0
+        assert agent.stats.released == {"expired": 1}
+        # The full blocks stay in its prefix cache: the same prompt hits.
+        again = await collect(pre, greedy("t2", PROMPT, 1))
+        assert again[0].cached_tokens == 9 * BS
+    finally:
+        await pre.aclose()
+
+
+@pytest.mark.parametrize("reference_pair", ["tcp"], indirect=True)
+async def test_prefill_worker_gone_before_the_pull(
+    reference_pair: tuple[ScheduledEngine, ScheduledEngine, ScheduledEngine],
+) -> None:
+    agg, pre, dec = reference_pair
+    request = greedy("g", PROMPT, N)
+    expected = tokens_of(await collect(agg, request))
+    first = msgspec.structs.replace(
+        request,
+        sampling=msgspec.structs.replace(request.sampling, max_tokens=1),
+        kv_transfer_params={"do_remote_decode": True},
+    )
+    outs = await collect(pre, first)
+    await pre.aclose()  # its listener is gone, as if the process died
+    rest = await collect(
+        dec,
+        msgspec.structs.replace(
+            request,
+            resumed_token_ids=tokens_of(outs),
+            kv_transfer_params=outs[-1].kv_transfer_params,
+        ),
+    )
+    assert tokens_of(outs) + tokens_of(rest) == expected
+    agent = dec.kv_transfer_agent
+    assert agent is not None and agent.stats.failed_pulls == 1 and dec.local_fallbacks == 1
+    assert dec.load().kv_blocks_used == 0
+
+
+@pytest.mark.parametrize("reference_pair", ["inprocess"], indirect=True)
+async def test_abort_while_receiving_frees_blocks(
+    reference_pair: tuple[ScheduledEngine, ScheduledEngine, ScheduledEngine],
+) -> None:
+    _, pre, dec = reference_pair
+    request = greedy("ab", PROMPT, N)
+    first = msgspec.structs.replace(
+        request,
+        sampling=msgspec.structs.replace(request.sampling, max_tokens=1),
+        kv_transfer_params={"do_remote_decode": True},
+    )
+    outs = await collect(pre, first)
+    second = msgspec.structs.replace(
+        request, resumed_token_ids=tokens_of(outs), kv_transfer_params=outs[-1].kv_transfer_params
+    )
+    stream = dec.generate(second)
+    task = asyncio.create_task(anext(stream))
+    await asyncio.sleep(0)  # admitted, its pull started
+    await dec.abort("ab")
+    out = await task
+    assert out.finish_reason is FinishReason.ABORT
+    await stream.aclose()
+    for _ in range(100):
+        if dec.load().kv_blocks_used == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert dec.load().kv_blocks_used == 0
+    await wait_unpinned(pre)

@@ -16,7 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dynamo_gateway.preprocess import Tokenizer
-from dynamo_gateway.testing import GatewayProcess, start_gateway
+from dynamo_gateway.testing import GatewayProcess, read_metric, start_gateway
 
 pytestmark = pytest.mark.real_model
 
@@ -63,6 +63,16 @@ def from_gguf(
     yield from _serve(args, tmp_path_factory.mktemp("gguf"))
 
 
+@pytest.fixture(scope="module")
+def disaggregated(
+    real_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[GatewayProcess]:
+    """`serve --prefill-workers 1 --decode-workers 1`: one command, KV moved in-process."""
+    args = ["--model", str(real_model), "--served-model-name", "smol"]
+    args += ["--prefill-workers", "1", "--decode-workers", "1", "--disagg-min-prefill-tokens", "8"]
+    yield from _serve(args, tmp_path_factory.mktemp("disagg"))
+
+
 def _client(gw: GatewayProcess) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{gw.url}/v1", api_key="x", max_retries=0, timeout=120)
 
@@ -96,7 +106,7 @@ def _hf_greedy(hf: tuple[Any, Any], messages: list[dict[str, str]]) -> tuple[str
     return tokenizer.decode(new, skip_special_tokens=True), finish
 
 
-@pytest.mark.parametrize("form", ["from_dir", "from_gguf"])
+@pytest.mark.parametrize("form", ["from_dir", "from_gguf", "disaggregated"])
 def test_greedy_chat_equals_transformers(
     form: str, request: pytest.FixtureRequest, hf: tuple[Any, Any]
 ) -> None:
@@ -119,6 +129,10 @@ def test_greedy_chat_equals_transformers(
         assert resp.usage.prompt_tokens == len(_prompt_ids(hf[0], _chat(question)))
     # Real answers end at the model's EOS (<|im_end|>), not at the token limit.
     assert "stop" in finishes
+    if form == "disaggregated":
+        # Every answer was prefilled on the prefill worker and decoded on the other.
+        remote = read_metric(gw.url, "dynamo_gateway_remote_prefill_total", model="smol")
+        assert remote == len(QUESTIONS)
 
 
 def test_the_capital_of_france_is_paris(from_gguf: GatewayProcess) -> None:
