@@ -109,7 +109,10 @@ class KvTransferAgent:
         self._transports: dict[str, KvTransport] = {}
         self._reaper: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        context = TransportContext(settings, worker_id, layout, host or settings.worker.host)
+        ws = settings.worker
+        context = TransportContext(
+            settings, worker_id, layout, host or ws.host, advertise_host=ws.advertise_host
+        )
         forced = settings.disagg.kv_transport
         family = registry.kv_transports
         names = [forced] if forced else transport_order(family.names())

@@ -170,7 +170,8 @@ class TransportContext:
     settings: Settings
     worker_id: str
     layout: KvLayout
-    host: str = "127.0.0.1"  # where a transport's listener binds and what it advertises
+    host: str = "127.0.0.1"  # where a transport's listener binds
+    advertise_host: str | None = None  # what peers connect to (default: host)
 
 
 @runtime_checkable

@@ -131,3 +131,35 @@ async def test_short_prompt_stays_local(
     assert metric(after, "dynamo_gateway_remote_prefill_total") == metric(
         before, "dynamo_gateway_remote_prefill_total"
     )
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def saturating(demo_model: Path) -> AsyncIterator[httpx.AsyncClient]:
+    """Mocker prefill (tens of ms per prompt) with room for one prompt in flight."""
+    settings = load_settings(
+        models=[{"path": demo_model, "name": "demo"}],
+        engine="mocker",
+        prefill_workers=1,
+        decode_workers=1,
+        disagg={"min_prefill_tokens": 64, "max_queued_prefill_tokens": 100},
+    )
+    async with embedded(settings) as gateway:
+        transport = httpx.ASGITransport(app=build_app(gateway))
+        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
+            yield client
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_saturated_prefill_pool_sends_work_local(saturating: httpx.AsyncClient) -> None:
+    import asyncio
+
+    results = await asyncio.gather(
+        *(complete(saturating, f"{i} {LONG}", max_tokens=4) for i in range(4))
+    )
+    assert all(r["usage"]["completion_tokens"] == 4 for r in results)
+    metrics = (await saturating.get("/metrics")).text
+    remote = metric(metrics, "dynamo_gateway_remote_prefill_total", model="demo")
+    saturated = metric(metrics, "dynamo_gateway_local_prefill_total", reason="prefill_saturated")
+    # The first one queues more than the pool takes; the others, sent meanwhile, stay local.
+    assert remote >= 1 and saturated >= 1
+    assert remote + saturated == 4

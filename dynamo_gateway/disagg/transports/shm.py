@@ -102,7 +102,9 @@ class ShmTransport:
         return self._own.array
 
     async def start(self, memory: KvMemory | None, exports: ExportTable) -> dict[str, Any]:
-        self._server = TransferServer(memory, exports, self._context.host)
+        self._server = TransferServer(
+            memory, exports, self._context.host, self._context.advertise_host
+        )
         desc: dict[str, Any] = {"host_id": self._host_id, "control": self._server.descriptor}
         if memory is not None and self._own is not None and _same_memory(memory, self._own):
             desc["path"] = str(self._path)

@@ -89,11 +89,17 @@ def _segments(memory: KvMemory, runs: Sequence[BlockRun], side: str) -> list[mem
 class TransferServer:
     """The source side's listener: serves reads of exported blocks and releases."""
 
-    def __init__(self, memory: KvMemory | None, exports: ExportTable, host: str) -> None:
+    def __init__(
+        self,
+        memory: KvMemory | None,
+        exports: ExportTable,
+        host: str,
+        advertise_host: str | None = None,
+    ) -> None:
         self._memory = memory
         self._exports = exports
         self._sock = socket.create_server((host, 0))
-        self.host = host
+        self.host = advertise_host or host
         self.port = int(self._sock.getsockname()[1])
         self._closed = False
         self._conns: set[socket.socket] = set()
@@ -224,6 +230,7 @@ class TcpTransport:
 
     def __init__(self, context: TransportContext) -> None:
         self._host = context.host
+        self._advertise = context.advertise_host
         self._server: TransferServer | None = None
         self._client = _Client()
 
@@ -231,7 +238,7 @@ class TcpTransport:
         return None
 
     async def start(self, memory: KvMemory | None, exports: ExportTable) -> dict[str, Any]:
-        self._server = TransferServer(memory, exports, self._host)
+        self._server = TransferServer(memory, exports, self._host, self._advertise)
         return self._server.descriptor
 
     def can_connect(self, local: Mapping[str, Any], remote: Mapping[str, Any]) -> bool:
