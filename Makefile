@@ -21,6 +21,8 @@ $(STAMP): pyproject.toml constraints-cpu.txt $(addsuffix /pyproject.toml,$(PLUGI
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -c constraints-cpu.txt -e '.[dev]' $(addprefix -e ,$(PLUGINS))
+	# NIXL (the nixl KV transport's library; UCX on host memory, no GPU needed).
+	$(BIN)/python -m pip install -q --no-deps nixl==1.5.1 nixl-cu12==1.5.1
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -1,22 +1,25 @@
-"""The nixl plugin: installed, listed without importing NIXL, clear when NIXL is missing."""
+"""The nixl plugin: installed, listed without importing NIXL, clear when NIXL is missing,
+and building the transport works when it is installed."""
 
 from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import logging
 import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
 import dynamo_gateway
+from dynamo_gateway.disagg.layout import KvLayout
+from dynamo_gateway.disagg.transport import KvTransport, TransportContext
 from dynamo_gateway.errors import ConfigError
 from dynamo_gateway.plugins import load_plugins
-from dynamo_gateway.settings import load_settings
+from dynamo_gateway.settings import Settings, load_settings
 
 PLUGIN = "nixl"
 DISTRIBUTION = "dynamo-gateway-nixl"
@@ -24,9 +27,8 @@ MODULE = "dynamo_gateway_nixl.plugin"
 LIBRARY_MODULE = "nixl"
 HAS_LIBRARY = importlib.util.find_spec(LIBRARY_MODULE) is not None
 
-# The KV-transport context type lands with disaggregated serving; the factory
-# checks for NIXL before it looks at its argument.
-CONTEXT = object()
+LAYOUT = KvLayout(num_layers=2, num_kv_heads=1, head_dim=8, block_size=4, dtype="uint8")
+CONTEXT = TransportContext(Settings(), "w0", LAYOUT)
 
 
 def test_plugin_is_installed() -> None:
@@ -71,9 +73,9 @@ def test_listing_does_not_import_engine() -> None:
     assert proc.returncode == 0, proc.stderr
 
 
-def test_missing_engine_gives_clear_error() -> None:
-    if HAS_LIBRARY:
-        pytest.skip("NIXL is installed: the missing-library error cannot happen here")
+def test_missing_engine_gives_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    # None in sys.modules makes `import nixl` fail as if it were not installed.
+    monkeypatch.setitem(sys.modules, LIBRARY_MODULE, None)
     factory = load_plugins(only=[PLUGIN]).registry.kv_transports.get(PLUGIN)
     with pytest.raises(
         ConfigError, match=r"pip install --no-deps nixl==1\.5\.1 nixl-cu12==1\.5\.1"
@@ -81,19 +83,31 @@ def test_missing_engine_gives_clear_error() -> None:
         factory(CONTEXT)
 
 
-def test_present_library_says_not_implemented(monkeypatch: pytest.MonkeyPatch) -> None:
-    # A stand-in module is enough: the factory only checks that NIXL imports.
-    monkeypatch.setitem(sys.modules, LIBRARY_MODULE, ModuleType(LIBRARY_MODULE))
+@pytest.mark.nixl
+def test_real_library_builds_transport() -> None:
+    if not HAS_LIBRARY:
+        pytest.skip("NIXL is not installed (pip install --no-deps nixl==1.5.1 nixl-cu12==1.5.1)")
     factory = load_plugins(only=[PLUGIN]).registry.kv_transports.get(PLUGIN)
-    with pytest.raises(ConfigError, match="not implemented yet"):
-        factory(CONTEXT)
+    transport = factory(CONTEXT)
+    assert transport.name == PLUGIN
+    assert isinstance(transport, KvTransport)
+    assert transport.allocate(LAYOUT, 8) is None
 
 
 @pytest.mark.nixl
-def test_real_library_says_not_implemented() -> None:
-    factory = load_plugins(only=[PLUGIN]).registry.kv_transports.get(PLUGIN)
-    with pytest.raises(ConfigError, match="not implemented yet"):
-        factory(CONTEXT)
+def test_nixl_logging_stays_off_stdout() -> None:
+    if not HAS_LIBRARY:
+        pytest.skip("NIXL is not installed (pip install --no-deps nixl==1.5.1 nixl-cu12==1.5.1)")
+    from dynamo_gateway_nixl.factory import import_nixl
+
+    raise_exceptions = logging.raiseExceptions
+    import_nixl()
+    assert logging.raiseExceptions == raise_exceptions
+    logger = logging.getLogger("nixl")
+    assert logger.propagate
+    assert not any(
+        getattr(h, "stream", None) in (sys.stdout, sys.__stdout__) for h in logger.handlers
+    )
 
 
 def test_narrowing_excludes_plugin() -> None:
