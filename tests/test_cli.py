@@ -56,3 +56,36 @@ def test_serve_with_missing_model_dir_fails_clearly(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert out.returncode == 2 and "does not exist" in out.stderr
+
+
+def test_builtin_kv_transports_are_listed() -> None:
+    out = subprocess.run([*CLI, "plugins", "--json"], capture_output=True, text=True, check=True)
+    rows = {row["name"]: row for row in json.loads(out.stdout)}
+    assert rows["builtin.transports"]["provides"] == {"kv_transports": ["inprocess", "shm", "tcp"]}
+
+
+def test_serve_with_unknown_kv_transport_fails_clearly(demo_model: Path) -> None:
+    out = subprocess.run(
+        [*CLI, "serve", "--model", str(demo_model), "--engine", "mocker", "--prefill-workers", "1",
+         "--kv-transport", "warp", "--port", "0"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 2
+    assert "no KV transport named 'warp'" in out.stderr and "tcp" in out.stderr
+
+
+def test_disagg_flags_reach_the_settings() -> None:
+    from dynamo_gateway.cli import _parser, settings_from_args
+
+    args = _parser().parse_args(
+        ["serve", "--prefill-workers", "2", "--decode-workers", "3", "--kv-transport", "tcp",
+         "--kv-transfer-timeout", "5", "--disagg-min-prefill-tokens", "100",
+         "--disagg-max-queued-prefill-tokens", "999"]
+    )  # fmt: skip
+    settings = settings_from_args(args)
+    assert (settings.prefill_workers, settings.decode_workers) == (2, 3)
+    assert settings.disagg.kv_transport == "tcp"
+    assert settings.disagg.kv_transfer_timeout_s == 5.0
+    assert settings.disagg.min_prefill_tokens == 100
+    assert settings.disagg.max_queued_prefill_tokens == 999
+    assert settings.router_name == "kv"
