@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from dynamo_gateway.disagg.layout import BlockRun, KvLayout, incompatibility, merge_runs
@@ -117,3 +119,22 @@ def test_prefill_load() -> None:
     assert load.queued("p0") == 0
     load.done("b")  # its worker left: nothing to undo
     assert load.least([]) == 0
+
+
+def test_stale_shm_pools_of_dead_processes_are_removed(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from dynamo_gateway.disagg.transports.shm import PREFIX, remove_stale_pools
+
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    stale = tmp_path / f"{PREFIX}{dead.stdout.strip()}-w-1"
+    live = tmp_path / f"{PREFIX}{os.getpid()}-w-2"
+    other = tmp_path / "unrelated"
+    for path in (stale, live, other):
+        path.write_bytes(b"x")
+    assert remove_stale_pools(tmp_path) == [stale]
+    assert not stale.exists() and live.exists() and other.exists()

@@ -5,8 +5,9 @@ no socket in the data path. Releases go over a small TCP control listener
 (the `tcp` transport's, which also serves reads as a fallback).
 
 Same host = same ``/proc/sys/kernel/random/boot_id`` and hostname, and the
-file exists. The file is unlinked when the transport closes (a killed worker
-leaves it behind; its name carries the worker id).
+file exists. The file is unlinked when the transport closes; one left by a
+killed worker (its name starts with the creator's pid) is removed by the next
+worker that allocates a pool on the host.
 """
 
 from __future__ import annotations
@@ -41,6 +42,32 @@ def host_id() -> str:
     except OSError:
         boot = ""
     return f"{socket.gethostname()}/{boot}"
+
+
+PREFIX = "dgw-kv-"
+
+
+def remove_stale_pools(directory: Path = SHM_DIR) -> list[Path]:
+    """Unlink pool files left by processes that died without closing (kill -9).
+
+    A file's name starts with its creator's pid; a pid that no longer runs (or
+    that is not ours to signal: another user's) leaves the file alone only in the
+    latter case. Returns the files removed.
+    """
+    removed: list[Path] = []
+    for path in directory.glob(f"{PREFIX}*"):
+        pid_text = path.name[len(PREFIX) :].split("-", 1)[0]
+        if not pid_text.isdigit():
+            continue
+        try:
+            os.kill(int(pid_text), 0)
+        except ProcessLookupError:
+            with contextlib.suppress(OSError):
+                path.unlink()
+                removed.append(path)
+        except PermissionError:
+            pass  # alive, someone else's
+    return removed
 
 
 def _safe(name: str) -> str:
@@ -96,7 +123,8 @@ class ShmTransport:
     def allocate(self, layout: KvLayout, num_blocks: int) -> np.ndarray[Any, Any] | None:
         if not SHM_DIR.is_dir():
             return None  # no shared memory here: plain memory, peers fall back to tcp
-        name = f"dgw-kv-{_safe(self._context.worker_id)}-{uuid.uuid4().hex[:8]}"
+        remove_stale_pools()
+        name = f"{PREFIX}{os.getpid()}-{_safe(self._context.worker_id)}-{uuid.uuid4().hex[:8]}"
         self._path = SHM_DIR / name
         self._own = _Mapping(self._path, layout, num_blocks, create=True)
         return self._own.array
