@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
-from dynamo_gateway.disagg.params import DO_REMOTE_DECODE
+from dynamo_gateway.disagg.params import DO_REMOTE_DECODE, release_abandoned
 from dynamo_gateway.disagg.policy import LocalReason
 from dynamo_gateway.errors import EngineError
 from dynamo_gateway.protocol.engine import EngineOutput, EngineRequest, FinishReason, TokenLogprob
@@ -76,6 +76,7 @@ class DisaggRouted:
     async def __anext__(self) -> EngineOutput:
         if self._decode is None:
             return await self._run_prefill()
+        self._decode.started = True
         out = await self._decode.outputs.__anext__()
         out.cached_tokens = None  # the prefill leg's first output reported them
         return out
@@ -171,7 +172,13 @@ class DisaggRouted:
     async def close(self) -> None:
         await self._end_prefill()
         if self._decode is not None:
-            await self._decode.close()
+            decode = self._decode
+            params = decode.request_params
+            if params is not None and not decode.started:
+                # The client left between the legs: the decode worker never saw the
+                # handoff, so free the prefill worker's blocks now, not at the timeout.
+                await release_abandoned(params)
+            await decode.close()
         elif not self._closed:
             self._closed = True
             self.worker.view.inflight -= 1

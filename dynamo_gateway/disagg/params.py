@@ -52,6 +52,38 @@ def parse_prefill_done(params: object) -> PrefillDone:
     return done
 
 
+async def release_abandoned(params: dict[str, Any]) -> bool:
+    """Unpin a handoff nobody will pull (the frontend's side, best effort).
+
+    Reaches the source through the in-process registry or a tcp / shm control
+    listener named in the handoff; True if the source freed the blocks.
+    """
+    from dynamo_gateway.disagg.transports.inprocess import InprocessTransport
+    from dynamo_gateway.disagg.transports.tcp import new_client, release_over_tcp
+    from dynamo_gateway.errors import KvTransferError
+
+    transports = params.get("transports") or {}
+    tid = str(params.get("transfer_id", ""))
+    try:
+        local = transports.get("inprocess")
+        if isinstance(local, dict) and InprocessTransport.reachable(local):
+            await InprocessTransport.release_peer(local, tid)
+            return True
+        for name in ("tcp", "shm"):
+            desc = transports.get(name)
+            control = desc.get("control", desc) if isinstance(desc, dict) else None
+            if isinstance(control, dict) and "port" in control:
+                client = new_client()
+                try:
+                    await release_over_tcp(client, control, tid)
+                finally:
+                    client.close()
+                return True
+    except (KvTransferError, OSError):
+        pass
+    return False
+
+
 def wants_remote_decode(params: dict[str, Any] | None) -> bool:
     return bool(params and params.get(DO_REMOTE_DECODE))
 

@@ -13,7 +13,7 @@ import contextlib
 import logging
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from typing import TYPE_CHECKING, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import msgspec
 
@@ -195,6 +195,7 @@ class Routed:
         "migrations_left",
         "outputs",
         "request_id",
+        "started",
         "stream",
         "worker",
     )
@@ -218,10 +219,16 @@ class Routed:
         self._generated: list[int] = []
         self._tried: set[str] = {worker.record.worker_id}
         self._closed = False
+        self.started = False  # set by DisaggRouted once it reads this stream
         self.outputs: AsyncIterator[EngineOutput] = self if migrations_left > 0 else self.stream
 
     def first_token(self) -> None:
         self._pool.first_token(self.request_id)
+
+    @property
+    def request_params(self) -> dict[str, Any] | None:
+        """The request's `kv_transfer_params` (a decode leg's handoff), if any."""
+        return self._request.kv_transfer_params
 
     def __aiter__(self) -> Routed:
         return self

@@ -163,3 +163,35 @@ async def test_saturated_prefill_pool_sends_work_local(saturating: httpx.AsyncCl
     # The first one queues more than the pool takes; the others, sent meanwhile, stay local.
     assert remote >= 1 and saturated >= 1
     assert remote + saturated == 4
+
+
+async def test_client_gone_between_the_legs_frees_the_prefill_blocks(demo_model: Path) -> None:
+    from dynamo_gateway.disagg.flow import DisaggRouted
+    from dynamo_gateway.protocol.engine import EngineRequest, SamplingParams
+    from dynamo_gateway.router.base import RouteRequest
+
+    settings = load_settings(
+        models=[{"path": demo_model, "name": "demo"}],
+        engine="mocker",
+        prefill_workers=1,
+        decode_workers=1,
+        disagg={"min_prefill_tokens": 16},
+    )
+    async with embedded(settings) as gateway:
+        pool = gateway.manager.get("demo")
+        prompt = list(range(5, 205))
+        request = EngineRequest(
+            request_id="gone", prompt_token_ids=prompt, sampling=SamplingParams(max_tokens=8)
+        )
+        routed = pool.route(RouteRequest("gone", prompt), request)
+        assert isinstance(routed, DisaggRouted)
+        first = await anext(routed.outputs)
+        assert len(first.token_ids) == 1
+        prefill = next(iter(pool.prefill_workers.values()))
+        engine = prefill.engine  # type: ignore[attr-defined]
+        assert engine.kv_transfer_agent.pinned_blocks > 0
+        await routed.close()  # the client left before the decode leg started
+        assert engine.kv_transfer_agent.pinned_blocks == 0
+        assert engine.load().kv_blocks_used == 0
+        decode = next(iter(pool.workers.values()))
+        assert decode.view.inflight == 0 and prefill.view.inflight == 0

@@ -52,7 +52,7 @@ class InprocessTransport:
         return {"pid": os.getpid(), "key": self._key}
 
     def can_connect(self, local: Mapping[str, Any], remote: Mapping[str, Any]) -> bool:
-        return remote.get("pid") == os.getpid() and remote.get("key") in _PEERS
+        return self.reachable(remote)
 
     @staticmethod
     def _peer(remote: Mapping[str, Any]) -> tuple[KvMemory | None, ExportTable]:
@@ -79,7 +79,15 @@ class InprocessTransport:
         return copy_runs(src, memory, runs)
 
     async def release(self, remote: Mapping[str, Any], transfer_id: str) -> None:
-        _, exports = self._peer(remote)
+        await self.release_peer(remote, transfer_id)
+
+    @staticmethod
+    def reachable(remote: Mapping[str, Any]) -> bool:
+        return remote.get("pid") == os.getpid() and remote.get("key") in _PEERS
+
+    @classmethod
+    async def release_peer(cls, remote: Mapping[str, Any], transfer_id: str) -> None:
+        _, exports = cls._peer(remote)
         if not exports.release(transfer_id):
             raise KvTransferError(f"transfer {transfer_id!r} expired at its source")
 
