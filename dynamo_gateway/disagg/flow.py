@@ -17,9 +17,7 @@ import logging
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
-import msgspec
-
-from dynamo_gateway.disagg.params import DO_REMOTE_DECODE, release_abandoned
+from dynamo_gateway.disagg.params import decode_leg, prefill_leg, release_abandoned
 from dynamo_gateway.disagg.policy import LocalReason
 from dynamo_gateway.errors import EngineError
 from dynamo_gateway.protocol.engine import EngineOutput, EngineRequest, FinishReason, TokenLogprob
@@ -83,13 +81,7 @@ class DisaggRouted:
 
     async def _run_prefill(self) -> EngineOutput:
         request = self._request
-        leg = msgspec.structs.replace(
-            request,
-            sampling=msgspec.structs.replace(
-                request.sampling, max_tokens=1 + len(request.resumed_token_ids)
-            ),
-            kv_transfer_params={DO_REMOTE_DECODE: True},
-        )
+        leg = prefill_leg(request)
         tokens: list[int] = []
         logprobs: list[TokenLogprob] | None = None
         cached: int | None = None
@@ -139,10 +131,7 @@ class DisaggRouted:
                 self._finished_at_prefill()
                 return first
             self._pool.count_local(LocalReason.PREFILL_FAILED)
-        resumed = [*request.resumed_token_ids, *tokens]
-        self._start_decode(
-            msgspec.structs.replace(request, resumed_token_ids=resumed, kv_transfer_params=params)
-        )
+        self._start_decode(decode_leg(request, tokens, params))
         return first
 
     def _start_decode(self, request: EngineRequest) -> None:

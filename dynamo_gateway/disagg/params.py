@@ -19,6 +19,8 @@ from typing import Any
 
 import msgspec
 
+from dynamo_gateway.protocol.engine import EngineRequest
+
 __all__ = ["DO_REMOTE_DECODE", "DO_REMOTE_PREFILL", "PrefillDone", "parse_prefill_done"]
 
 DO_REMOTE_DECODE = "do_remote_decode"
@@ -50,6 +52,24 @@ def parse_prefill_done(params: object) -> PrefillDone:
     if done.num_tokens < 1 or not done.remote_block_ids:
         raise ValueError("kv_transfer_params name no blocks")
     return done
+
+
+def prefill_leg(request: EngineRequest) -> EngineRequest:
+    """The prefill leg of `request`: one new token, its KV kept for a remote decode."""
+    sampling = msgspec.structs.replace(
+        request.sampling, max_tokens=1 + len(request.resumed_token_ids)
+    )
+    return msgspec.structs.replace(
+        request, sampling=sampling, kv_transfer_params={DO_REMOTE_DECODE: True}
+    )
+
+
+def decode_leg(
+    request: EngineRequest, first_tokens: list[int], params: dict[str, Any] | None
+) -> EngineRequest:
+    """The decode leg of `request`: the prefill's tokens resumed, its handoff attached."""
+    resumed = [*request.resumed_token_ids, *first_tokens]
+    return msgspec.structs.replace(request, resumed_token_ids=resumed, kv_transfer_params=params)
 
 
 async def release_abandoned(params: dict[str, Any]) -> bool:

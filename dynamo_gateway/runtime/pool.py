@@ -335,6 +335,7 @@ class ModelPool:
         self.disagg = disagg or DisaggSettings()
         self.prefill_workers: dict[str, WorkerHandle] = {}
         self._prefill_views: list[WorkerView] = []
+        self._has_disagg = False  # prefill or decode workers: `route()` decides per request
         self.prefill_load = PrefillLoad()
         self.remote_prefills = 0
         self.local_prefills: dict[str, int] = {}
@@ -343,10 +344,10 @@ class ModelPool:
         wid = worker.record.worker_id
         if worker.record.role is WorkerRole.PREFILL:
             self.prefill_workers[wid] = worker
-            self._prefill_views = [w.view for w in self.prefill_workers.values()]
+            self._refresh()
             return
         self.workers[wid] = worker
-        self._views = [w.view for w in self.workers.values()]
+        self._refresh()
         self._joined.set()
         self._joined.clear()
 
@@ -369,26 +370,26 @@ class ModelPool:
         prefill = self.prefill_workers.pop(worker_id, None)
         if prefill is not None:
             self.draining[worker_id] = prefill
-            self._prefill_views = [w.view for w in self.prefill_workers.values()]
+            self._refresh()
             return
         worker = self.workers.pop(worker_id, None)
         if worker is not None:
             # The router keeps its state of the worker (its requests still run, its
             # cache is real) until the worker leaves; it just is not eligible.
             self.draining[worker_id] = worker
-            self._views = [w.view for w in self.workers.values()]
+            self._refresh()
 
     def remove(self, worker_id: str) -> WorkerHandle | None:
         """Forget the worker; returns its handle (the caller closes it)."""
         prefill = self.prefill_workers.pop(worker_id, None)
         if prefill is not None:
-            self._prefill_views = [w.view for w in self.prefill_workers.values()]
+            self._refresh()
             self.prefill_router.remove_worker(worker_id)
             self.prefill_load.remove_worker(worker_id)
             return prefill
         worker = self.workers.pop(worker_id, None)
         if worker is not None:
-            self._views = [w.view for w in self.workers.values()]
+            self._refresh()
             self.router.remove_worker(worker_id)
             return worker
         worker = self.draining.pop(worker_id, None)
@@ -494,9 +495,11 @@ class ModelPool:
 
     # -- disaggregation -------------------------------------------------------------------
 
-    @property
-    def _has_disagg(self) -> bool:
-        return bool(self.prefill_workers) or any(
+    def _refresh(self) -> None:
+        """Rebuild what routing reads per request after the worker sets changed."""
+        self._views = [w.view for w in self.workers.values()]
+        self._prefill_views = [w.view for w in self.prefill_workers.values()]
+        self._has_disagg = bool(self.prefill_workers) or any(
             w.record.role is WorkerRole.DECODE for w in self.workers.values()
         )
 

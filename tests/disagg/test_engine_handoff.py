@@ -11,9 +11,9 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import msgspec
 import pytest
 
+from dynamo_gateway.disagg.params import decode_leg, prefill_leg
 from dynamo_gateway.engines.base import EngineContext
 from dynamo_gateway.engines.mocker import MockerEngine
 from dynamo_gateway.engines.reference.engine import ReferenceEngine
@@ -59,17 +59,13 @@ async def handoff(
     prefill: ScheduledEngine, decode: ScheduledEngine, request: EngineRequest
 ) -> tuple[list[int], dict[str, Any]]:
     """The frontend's two legs, by hand: returns all tokens and the prefill's params."""
-    first = msgspec.structs.replace(
-        request,
-        sampling=msgspec.structs.replace(request.sampling, max_tokens=1),
-        kv_transfer_params={"do_remote_decode": True},
-    )
+    first = prefill_leg(request)
     outs = await collect(prefill, first)
     assert outs[-1].finish_reason is FinishReason.LENGTH
     params = outs[-1].kv_transfer_params
     assert params is not None and params["do_remote_prefill"]
     t0 = tokens_of(outs)
-    second = msgspec.structs.replace(request, resumed_token_ids=t0, kv_transfer_params=params)
+    second = decode_leg(request, t0, params)
     rest = await collect(decode, second)
     return t0 + tokens_of(rest), params
 
@@ -148,11 +144,7 @@ async def test_expired_export_falls_back_to_local_prefill(
     agg, pre, dec = reference_pair
     request = greedy("x", PROMPT, N)
     expected = tokens_of(await collect(agg, request))
-    first = msgspec.structs.replace(
-        request,
-        sampling=msgspec.structs.replace(request.sampling, max_tokens=1),
-        kv_transfer_params={"do_remote_decode": True},
-    )
+    first = prefill_leg(request)
     outs = await collect(pre, first)
     params = outs[-1].kv_transfer_params
     assert params is not None
@@ -163,9 +155,7 @@ async def test_expired_export_falls_back_to_local_prefill(
     assert agent.pinned_blocks == 0
     rest = await collect(
         dec,
-        msgspec.structs.replace(
-            request, resumed_token_ids=tokens_of(outs), kv_transfer_params=params
-        ),
+        decode_leg(request, tokens_of(outs), params),
     )
     assert tokens_of(outs) + tokens_of(rest) == expected
     assert dec.local_fallbacks == 1
@@ -216,9 +206,7 @@ async def test_unpulled_export_is_freed_after_the_timeout(card: ModelCard) -> No
     )
     pre = await started(ReferenceEngine, settings, card, "pre", WorkerRole.PREFILL)
     try:
-        first = greedy("t", PROMPT, 1)
-        first = msgspec.structs.replace(first, kv_transfer_params={"do_remote_decode": True})
-        outs = await collect(pre, first)
+        outs = await collect(pre, prefill_leg(greedy("t", PROMPT, 1)))
         assert outs[-1].kv_transfer_params is not None
         agent = pre.kv_transfer_agent
         assert agent is not None
@@ -240,20 +228,12 @@ async def test_prefill_worker_gone_before_the_pull(
     agg, pre, dec = reference_pair
     request = greedy("g", PROMPT, N)
     expected = tokens_of(await collect(agg, request))
-    first = msgspec.structs.replace(
-        request,
-        sampling=msgspec.structs.replace(request.sampling, max_tokens=1),
-        kv_transfer_params={"do_remote_decode": True},
-    )
+    first = prefill_leg(request)
     outs = await collect(pre, first)
     await pre.aclose()  # its listener is gone, as if the process died
     rest = await collect(
         dec,
-        msgspec.structs.replace(
-            request,
-            resumed_token_ids=tokens_of(outs),
-            kv_transfer_params=outs[-1].kv_transfer_params,
-        ),
+        decode_leg(request, tokens_of(outs), outs[-1].kv_transfer_params),
     )
     assert tokens_of(outs) + tokens_of(rest) == expected
     agent = dec.kv_transfer_agent
@@ -267,15 +247,9 @@ async def test_abort_while_receiving_frees_blocks(
 ) -> None:
     _, pre, dec = reference_pair
     request = greedy("ab", PROMPT, N)
-    first = msgspec.structs.replace(
-        request,
-        sampling=msgspec.structs.replace(request.sampling, max_tokens=1),
-        kv_transfer_params={"do_remote_decode": True},
-    )
+    first = prefill_leg(request)
     outs = await collect(pre, first)
-    second = msgspec.structs.replace(
-        request, resumed_token_ids=tokens_of(outs), kv_transfer_params=outs[-1].kv_transfer_params
-    )
+    second = decode_leg(request, tokens_of(outs), outs[-1].kv_transfer_params)
     stream = dec.generate(second)
     task = asyncio.create_task(anext(stream))
     await asyncio.sleep(0)  # admitted, its pull started

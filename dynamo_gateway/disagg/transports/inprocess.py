@@ -20,7 +20,7 @@ from dynamo_gateway.disagg.layout import BlockRun, KvLayout
 from dynamo_gateway.disagg.transport import ExportTable, KvMemory, TransportContext
 from dynamo_gateway.errors import KvTransferError
 
-__all__ = ["InprocessTransport", "copy_runs"]
+__all__ = ["InprocessTransport", "copy_checked", "copy_runs"]
 
 _PEERS: dict[str, tuple[KvMemory | None, ExportTable]] = {}
 
@@ -34,6 +34,15 @@ def copy_runs(src: KvMemory, dst: KvMemory, runs: Sequence[BlockRun]) -> int:
         n = run.length
         dst.array[:, run.dst : run.dst + n] = src.array[:, run.src : run.src + n]
     return dst.run_bytes(runs)
+
+
+async def copy_checked(src: KvMemory, dst: KvMemory, runs: Sequence[BlockRun]) -> int:
+    """`copy_runs` after checking both sides' bounds; large copies on a thread."""
+    src.check_runs(runs, side="src")
+    dst.check_runs(runs, side="dst")
+    if dst.run_bytes(runs) >= THREAD_COPY_BYTES:
+        return await asyncio.to_thread(copy_runs, src, dst, runs)
+    return copy_runs(src, dst, runs)
 
 
 class InprocessTransport:
@@ -72,11 +81,7 @@ class InprocessTransport:
         exports.check(transfer_id, runs)
         if src is None:
             raise KvTransferError(f"in-process peer {remote.get('key')!r} has no KV memory")
-        src.check_runs(runs, side="src")
-        memory.check_runs(runs, side="dst")
-        if memory.run_bytes(runs) >= THREAD_COPY_BYTES:
-            return await asyncio.to_thread(copy_runs, src, memory, runs)
-        return copy_runs(src, memory, runs)
+        return await copy_checked(src, memory, runs)
 
     async def release(self, remote: Mapping[str, Any], transfer_id: str) -> None:
         await self.release_peer(remote, transfer_id)

@@ -12,7 +12,6 @@ worker that allocates a pool on the host.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import mmap
 import os
@@ -26,7 +25,7 @@ import numpy as np
 
 from dynamo_gateway.disagg.layout import BlockRun, KvLayout
 from dynamo_gateway.disagg.transport import ExportTable, KvMemory, TransportContext
-from dynamo_gateway.disagg.transports.inprocess import THREAD_COPY_BYTES, copy_runs
+from dynamo_gateway.disagg.transports.inprocess import copy_checked
 from dynamo_gateway.disagg.transports.tcp import TransferServer, new_client, release_over_tcp
 from dynamo_gateway.errors import KvTransferError
 
@@ -162,13 +161,9 @@ class ShmTransport:
         memory: KvMemory,
     ) -> int:
         src = KvMemory(memory.layout, self._peer(remote, memory.layout).array)
-        src.check_runs(runs, side="src")
-        memory.check_runs(runs, side="dst")
         # One-sided: the source cannot check the runs, so a stale or foreign transfer
         # id is caught by the release (which the caller sends after every read).
-        if memory.run_bytes(runs) >= THREAD_COPY_BYTES:
-            return await asyncio.to_thread(copy_runs, src, memory, runs)
-        return copy_runs(src, memory, runs)
+        return await copy_checked(src, memory, runs)
 
     async def release(self, remote: Mapping[str, Any], transfer_id: str) -> None:
         control = remote.get("control")
