@@ -55,6 +55,23 @@ async def complete(
     return r.json()  # type: ignore[no-any-return]
 
 
+async def texts(
+    client: httpx.AsyncClient, url: str, model: str, prompts: list[str], max_tokens: int
+) -> list[str]:
+    """Greedy completions of `prompts`, concurrently, in order."""
+    results = await asyncio.gather(*(complete(client, url, model, p, max_tokens) for p in prompts))
+    return [r["choices"][0]["text"] for r in results]
+
+
+async def wait_unpinned(prefill: ClusterProcess, timeout: float = 10.0) -> float:
+    """Wait until the prefill worker holds no exported blocks; returns what it holds."""
+    name = "dynamo_gateway_worker_kv_pinned_blocks"
+    deadline = time.monotonic() + timeout
+    while worker_metric(prefill, name) and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    return worker_metric(prefill, name)
+
+
 def disagg_cluster(
     c: Cluster, transport: str, *, decode_workers: int = 1, timeout_s: float = 30.0
 ) -> tuple[ClusterProcess, ClusterProcess, list[ClusterProcess]]:
@@ -73,11 +90,8 @@ def disagg_cluster(
 
 async def expected_and_disagg(url: str, max_tokens: int) -> tuple[list[str], list[str]]:
     async with httpx.AsyncClient(timeout=120) as client:
-        agg = await asyncio.gather(
-            *(complete(client, url, "demo-agg", p, max_tokens) for p in PROMPTS)
-        )
-        dis = await asyncio.gather(*(complete(client, url, "demo", p, max_tokens) for p in PROMPTS))
-    return [r["choices"][0]["text"] for r in agg], [r["choices"][0]["text"] for r in dis]
+        agg = await texts(client, url, "demo-agg", PROMPTS, max_tokens)
+        return agg, await texts(client, url, "demo", PROMPTS, max_tokens)
 
 
 @pytest.mark.parametrize(
@@ -104,12 +118,7 @@ async def test_remote_prefill_across_processes_equals_aggregated(
     )
     assert moved > 0, c.logs()
     # Every export was pulled and released: nothing stays pinned on the prefill side.
-    deadline = time.monotonic() + 10
-    while worker_metric(prefill, "dynamo_gateway_worker_kv_pinned_blocks") and (
-        time.monotonic() < deadline
-    ):
-        await asyncio.sleep(0.1)
-    assert worker_metric(prefill, "dynamo_gateway_worker_kv_pinned_blocks") == 0
+    assert await wait_unpinned(prefill) == 0
     assert worker_metric(decode, "dynamo_gateway_worker_kv_blocks_used") == 0
 
 
@@ -120,12 +129,7 @@ async def test_prefill_worker_killed_requests_complete_without_leaks(
     fe, prefill, (decode,) = disagg_cluster(c, "tcp")
     max_tokens = 48
     async with httpx.AsyncClient(timeout=120) as client:
-        expected = [
-            r["choices"][0]["text"]
-            for r in await asyncio.gather(
-                *(complete(client, fe.url, "demo-agg", p, max_tokens) for p in PROMPTS * 2)
-            )
-        ]
+        expected = await texts(client, fe.url, "demo-agg", PROMPTS * 2, max_tokens)
         tasks = [
             asyncio.create_task(complete(client, fe.url, "demo", p, max_tokens))
             for p in PROMPTS * 2
@@ -154,12 +158,7 @@ async def test_decode_worker_killed_migrates_and_prefill_frees_after_timeout(
     fe, prefill, decodes = disagg_cluster(c, "tcp", decode_workers=2, timeout_s=2.0)
     max_tokens = 64
     async with httpx.AsyncClient(timeout=120) as client:
-        expected = [
-            r["choices"][0]["text"]
-            for r in await asyncio.gather(
-                *(complete(client, fe.url, "demo-agg", p, max_tokens) for p in PROMPTS)
-            )
-        ]
+        expected = await texts(client, fe.url, "demo-agg", PROMPTS, max_tokens)
         tasks = [
             asyncio.create_task(complete(client, fe.url, "demo", p, max_tokens)) for p in PROMPTS
         ]
@@ -177,10 +176,5 @@ async def test_decode_worker_killed_migrates_and_prefill_frees_after_timeout(
     assert [r["choices"][0]["text"] for r in results] == expected, c.logs()
     assert read_metric(fe.url, "dynamo_gateway_migrations_total", model="demo") >= 1, c.logs()
     # Exports the dead worker never pulled are freed by the timeout (2 s).
-    deadline = time.monotonic() + 10
-    while worker_metric(prefill, "dynamo_gateway_worker_kv_pinned_blocks") and (
-        time.monotonic() < deadline
-    ):
-        await asyncio.sleep(0.2)
-    assert worker_metric(prefill, "dynamo_gateway_worker_kv_pinned_blocks") == 0, c.logs()
+    assert await wait_unpinned(prefill) == 0, c.logs()
     assert worker_metric(prefill, "dynamo_gateway_worker_kv_blocks_used") == 0, c.logs()
