@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 import tempfile
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
@@ -42,6 +43,18 @@ if TYPE_CHECKING:
     from types import ModuleType
 
 log = logging.getLogger(__name__)
+
+# Engines of one process start one at a time: each sets the environment its spawned
+# engine-core process inherits.
+_SPAWN_LOCK = asyncio.Lock()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
 
 __all__ = ["VllmEngine"]
 
