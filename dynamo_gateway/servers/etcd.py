@@ -16,6 +16,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from dynamo_gateway.servers.ports import free_port
 from dynamo_gateway.servers.process import ServerProcess
 
 ETCD_BINARY_ENV = "DYNAMO_GATEWAY_ETCD"  # overrides the binary found on PATH
@@ -40,9 +41,6 @@ class EtcdServer(ServerProcess):
     poll_interval_s = 0.05
 
     def __init__(self, directory: Path, *, binary: str | None = None, name: str = "etcd") -> None:
-        # Imported here: dynamo_gateway.testing imports this module for its fixture.
-        from dynamo_gateway.testing import free_port
-
         found = binary or find_etcd()
         if found is None:
             raise FileNotFoundError(

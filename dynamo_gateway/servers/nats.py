@@ -13,6 +13,7 @@ import shutil
 import socket
 from pathlib import Path
 
+from dynamo_gateway.servers.ports import free_port
 from dynamo_gateway.servers.process import ServerProcess
 
 NATS_BINARY_ENV = "DYNAMO_GATEWAY_NATS_SERVER"  # overrides the binary found on PATH
@@ -41,9 +42,6 @@ class NatsServer(ServerProcess):
     poll_interval_s = 0.02
 
     def __init__(self, directory: Path, *, binary: str | None = None, name: str = "nats") -> None:
-        # Imported here: dynamo_gateway.testing imports this module for its fixture.
-        from dynamo_gateway.testing import free_port
-
         found = binary or find_nats_server()
         if found is None:
             raise FileNotFoundError(
