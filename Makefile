@@ -17,10 +17,11 @@ PLUGINS := plugins/vllm plugins/sglang plugins/trtllm plugins/nixl
 # Pulled and built models are kept, not deleted as intermediate files.
 .PRECIOUS: models/%/config.json
 
-$(STAMP): pyproject.toml constraints-cpu.txt $(addsuffix /pyproject.toml,$(PLUGINS))
+$(STAMP): pyproject.toml constraints-cpu.txt $(addsuffix /pyproject.toml,$(PLUGINS)) examples/engine-plugin/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c constraints-cpu.txt -e '.[dev]' $(addprefix -e ,$(PLUGINS))
+	$(BIN)/python -m pip install -q -c constraints-cpu.txt -e '.[dev]' $(addprefix -e ,$(PLUGINS)) \
+		-e examples/engine-plugin
 	# NIXL (the nixl KV transport's library; UCX on host memory, no GPU needed).
 	$(BIN)/python -m pip install -q --no-deps nixl==1.5.1 nixl-cu12==1.5.1
 	touch $(STAMP)
