@@ -1,4 +1,5 @@
-"""The sglang plugin: installed, listed without importing SGLang, clear when SGLang is missing."""
+"""The sglang plugin: installed, listed without importing SGLang, clear when SGLang is
+missing, and its settings checked when the engine is built."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from types import ModuleType
 import pytest
 
 import dynamo_gateway
-from dynamo_gateway.engines.base import EngineContext
+from dynamo_gateway.engines.base import Engine, EngineContext, EngineState
 from dynamo_gateway.errors import ConfigError
 from dynamo_gateway.models.card import ModelCard
 from dynamo_gateway.plugins import load_plugins
@@ -27,11 +28,11 @@ ENGINE_MODULE = "sglang"
 HAS_ENGINE = importlib.util.find_spec(ENGINE_MODULE) is not None
 
 
-def _context(tmp_path: Path) -> EngineContext:
+def _context(tmp_path: Path, **overrides: object) -> EngineContext:
     card = ModelCard(
         path=tmp_path, served_name="m", max_model_len=128, vocab_size=100, eos_token_ids=()
     )
-    return EngineContext(settings=load_settings(), model=card, worker_id="w0")
+    return EngineContext(settings=load_settings(**overrides), model=card, worker_id="w0")
 
 
 def test_plugin_is_installed() -> None:
@@ -85,21 +86,38 @@ def test_missing_engine_gives_clear_error(tmp_path: Path) -> None:
     assert "NVIDIA GPU" in str(exc.value)
 
 
-def test_present_engine_says_not_implemented(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # A stand-in module is enough: the factory only checks that SGLang imports.
+def test_present_engine_builds_an_engine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A stand-in module is enough: SGLang itself is touched only in start().
     monkeypatch.setitem(sys.modules, ENGINE_MODULE, ModuleType(ENGINE_MODULE))
     factory = load_plugins(only=[PLUGIN]).registry.engines.get(PLUGIN)
-    with pytest.raises(ConfigError, match="not implemented yet"):
-        factory(_context(tmp_path))
+    engine = factory(_context(tmp_path))
+    assert isinstance(engine, Engine)
+    assert engine.state is EngineState.CREATED
+    assert engine.block_size == 16
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        ({"plugin_config": {"sglang": {"bogus": 1}}}, "plugin_config.sglang"),
+        ({"plugin_config": {"sglang": {"server_args": {"model_path": "x"}}}}, "model_path"),
+        ({"engine_args": ["--mem-fraction-static", "0.8"]}, "server_args"),
+    ],
+)
+def test_bad_settings_are_config_errors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, overrides: dict[str, object], match: str
+) -> None:
+    monkeypatch.setitem(sys.modules, ENGINE_MODULE, ModuleType(ENGINE_MODULE))
+    factory = load_plugins(only=[PLUGIN]).registry.engines.get(PLUGIN)
+    with pytest.raises(ConfigError, match=match):
+        factory(_context(tmp_path, **overrides))
 
 
 @pytest.mark.sglang
-def test_real_engine_says_not_implemented(tmp_path: Path) -> None:
+def test_real_engine_builds(tmp_path: Path) -> None:
     factory = load_plugins(only=[PLUGIN]).registry.engines.get(PLUGIN)
-    with pytest.raises(ConfigError, match="not implemented yet"):
-        factory(_context(tmp_path))
+    engine = factory(_context(tmp_path))
+    assert engine.state is EngineState.CREATED
 
 
 def test_narrowing_excludes_plugin() -> None:
