@@ -14,7 +14,7 @@ from types import ModuleType
 import pytest
 
 import dynamo_gateway
-from dynamo_gateway.engines.base import EngineContext
+from dynamo_gateway.engines.base import Engine, EngineContext, EngineState
 from dynamo_gateway.errors import ConfigError
 from dynamo_gateway.models.card import ModelCard
 from dynamo_gateway.plugins import load_plugins
@@ -85,21 +85,36 @@ def test_missing_engine_gives_clear_error(tmp_path: Path) -> None:
     assert "NVIDIA GPU" in str(exc.value)
 
 
-def test_present_engine_says_not_implemented(
+def test_present_engine_builds_without_starting(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # A stand-in module is enough: the factory only checks that TensorRT-LLM imports.
+    # A stand-in module is enough: building imports TensorRT-LLM, start() loads the model.
     monkeypatch.setitem(sys.modules, ENGINE_MODULE, ModuleType(ENGINE_MODULE))
     factory = load_plugins(only=[PLUGIN]).registry.engines.get(PLUGIN)
-    with pytest.raises(ConfigError, match="not implemented yet"):
-        factory(_context(tmp_path))
+    engine = factory(_context(tmp_path))
+    assert isinstance(engine, Engine)
+    assert engine.state is EngineState.CREATED
+    assert engine.block_size == 16
+
+
+def test_bad_plugin_settings_are_a_config_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, ENGINE_MODULE, ModuleType(ENGINE_MODULE))
+    factory = load_plugins(only=[PLUGIN]).registry.engines.get(PLUGIN)
+    card = ModelCard(
+        path=tmp_path, served_name="m", max_model_len=128, vocab_size=100, eos_token_ids=()
+    )
+    settings = load_settings(plugin_config={PLUGIN: {"no_such_option": 1}})
+    with pytest.raises(ConfigError, match="no_such_option"):
+        factory(EngineContext(settings=settings, model=card, worker_id="w0"))
 
 
 @pytest.mark.trtllm
-def test_real_engine_says_not_implemented(tmp_path: Path) -> None:
+def test_real_engine_builds_without_starting(tmp_path: Path) -> None:
     factory = load_plugins(only=[PLUGIN]).registry.engines.get(PLUGIN)
-    with pytest.raises(ConfigError, match="not implemented yet"):
-        factory(_context(tmp_path))
+    engine = factory(_context(tmp_path))
+    assert engine.state is EngineState.CREATED
 
 
 def test_narrowing_excludes_plugin() -> None:
