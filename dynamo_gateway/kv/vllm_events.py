@@ -56,6 +56,7 @@ __all__ = [
     "VllmEventTranslator",
     "VllmZmqSubscriber",
     "decode_vllm_event_batch",
+    "split_event_frames",
 ]
 
 log = logging.getLogger(__name__)
@@ -145,14 +146,20 @@ class VllmEventBatch(msgspec.Struct, frozen=True, kw_only=True):
     undecodable: int = 0
 
 
-def decode_vllm_event_batch(frames: list[bytes]) -> VllmEventBatch:
-    """Decode ``[topic, seq, payload]``; raises `VllmEventDecodeError`."""
+def split_event_frames(frames: list[bytes]) -> tuple[bytes, int, bytes]:
+    """``(topic, seq, payload)`` of one publisher message (vLLM's framing, which SGLang
+    shares); raises `VllmEventDecodeError`."""
     if len(frames) != 3:
         raise VllmEventDecodeError(f"expected 3 frames (topic, seq, payload), got {len(frames)}")
     topic, seq_bytes, payload = frames
     if len(seq_bytes) != 8:
         raise VllmEventDecodeError(f"seq frame has {len(seq_bytes)} bytes, expected 8")
-    seq = int.from_bytes(seq_bytes, "big")
+    return topic, int.from_bytes(seq_bytes, "big"), payload
+
+
+def decode_vllm_event_batch(frames: list[bytes]) -> VllmEventBatch:
+    """Decode ``[topic, seq, payload]``; raises `VllmEventDecodeError`."""
+    topic, seq, payload = split_event_frames(frames)
     try:
         raw = _batch_decoder.decode(payload)
     except msgspec.DecodeError as exc:

@@ -28,7 +28,6 @@ import logging
 import os
 import secrets
 import socket
-import tempfile
 from collections.abc import AsyncGenerator, AsyncIterator
 from types import ModuleType
 from typing import Any
@@ -36,7 +35,8 @@ from typing import Any
 import msgspec
 
 from dynamo_gateway.disagg.params import wants_remote_decode
-from dynamo_gateway.engines.base import EngineBase, EngineContext, EngineState
+from dynamo_gateway.engines.base import EngineContext, EngineState
+from dynamo_gateway.engines.library import LibraryEngine
 from dynamo_gateway.errors import ConfigError, EngineError, InvalidRequestError
 from dynamo_gateway.kv.vllm_events import VllmEventTranslator
 from dynamo_gateway.protocol.engine import (
@@ -70,34 +70,25 @@ def _build(sglang: ModuleType, kwargs: dict[str, Any]) -> tuple[Any, dict[str, A
     return engine, dict(engine.server_args.resolved_dict())
 
 
-class SglangEngine(EngineBase):
+class SglangEngine(LibraryEngine):
     """One worker's SGLang engine (see the module docstring)."""
 
+    kind = "sglang"
+
     def __init__(self, context: EngineContext, sglang: ModuleType) -> None:
-        self._context = context
+        super().__init__(context)
         self._sglang = sglang
         self._settings: SglangSettings = sglang_settings(context.settings)
-        self._state = EngineState.CREATED
         self._engine: Any = None
         self._server: translate.ResolvedServer | None = None
-        self._block_size = context.settings.cache.block_size
         self._bootstrap_host = ""
         self._subscriber: SglangZmqSubscriber | None = None
-        self._ipc_dir: tempfile.TemporaryDirectory[str] | None = None
         self._live: set[str] = set()
         # Prefill legs whose SGLang request outlives the leg (until the decode side pulls).
         self._detached: dict[str, asyncio.Task[None]] = {}
         self._last_load = LoadMetrics()
 
-    # -- Engine protocol ------------------------------------------------------------
-
-    @property
-    def state(self) -> EngineState:
-        return self._state
-
-    @property
-    def block_size(self) -> int:
-        return self._block_size
+    # -- Engine protocol (lifecycle: LibraryEngine) ---------------------------------
 
     async def start(self) -> None:
         if self._state is not EngineState.CREATED:
@@ -108,22 +99,12 @@ class SglangEngine(EngineBase):
                 "SGLang allows one per process: start each worker with `dynamo-gateway worker`"
             )
         _OWNER.append(self)
-        self._state = EngineState.STARTING
-        try:
-            await self._start()
-        except BaseException:
-            self._state = EngineState.FAILED
-            await self._release()
-            raise
-        self._state = EngineState.RUNNING
+        await super().start()
 
     async def _start(self) -> None:
         context = self._context
         settings = context.settings
-        endpoint: str | None = None
-        if context.publish_kv_event is not None:
-            self._ipc_dir = tempfile.TemporaryDirectory(prefix="dgw-sglang-")
-            endpoint = f"ipc://{os.path.join(self._ipc_dir.name, 'kv-events')}"
+        endpoint = self.kv_event_endpoint() if context.publish_kv_event is not None else None
         kwargs = translate.server_kwargs(
             str(context.model.path),
             block_size=settings.cache.block_size,
@@ -325,12 +306,10 @@ class SglangEngine(EngineBase):
         return self._last_load
 
     async def aclose(self) -> None:
-        if self._state is EngineState.STOPPED:
-            return
-        for rid in [*self._live, *self._detached]:
-            self._abort_in_sglang(rid)
-        await self._release()
-        self._state = EngineState.STOPPED
+        if self._state is not EngineState.STOPPED:
+            for rid in [*self._live, *self._detached]:
+                self._abort_in_sglang(rid)
+        await super().aclose()
 
     async def _release(self) -> None:
         for task in list(self._detached.values()):
@@ -346,8 +325,6 @@ class SglangEngine(EngineBase):
         if engine is not None:
             # Kills SGLang's scheduler and detokenizer processes and waits for them.
             await asyncio.to_thread(engine.shutdown)
-        if self._ipc_dir is not None:
-            self._ipc_dir.cleanup()
-            self._ipc_dir = None
         if self in _OWNER:
             _OWNER.remove(self)
+        await super()._release()

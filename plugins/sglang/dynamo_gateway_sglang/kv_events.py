@@ -30,6 +30,7 @@ from dynamo_gateway.kv.vllm_events import (
     VllmEventBatch,
     VllmEventDecodeError,
     VllmZmqSubscriber,
+    split_event_frames,
 )
 
 __all__ = [
@@ -111,12 +112,7 @@ def decode_sglang_event_batch(frames: list[bytes]) -> VllmEventBatch:
     Events that cannot be decoded (an unknown tag, bigram token pairs of EAGLE
     models) are skipped and counted in ``undecodable``.
     """
-    if len(frames) != 3:
-        raise VllmEventDecodeError(f"expected 3 frames (topic, seq, payload), got {len(frames)}")
-    topic, seq_bytes, payload = frames
-    if len(seq_bytes) != 8:
-        raise VllmEventDecodeError(f"seq frame has {len(seq_bytes)} bytes, expected 8")
-    seq = int.from_bytes(seq_bytes, "big")
+    topic, seq, payload = split_event_frames(frames)
     try:
         raw = _batch_decoder.decode(payload)
     except msgspec.DecodeError as exc:

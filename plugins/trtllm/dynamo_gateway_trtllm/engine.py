@@ -21,7 +21,8 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from dynamo_gateway.engines.base import EngineBase, EngineContext, EngineState
+from dynamo_gateway.engines.base import EngineContext, EngineState
+from dynamo_gateway.engines.library import LibraryEngine
 from dynamo_gateway.errors import EngineError, InvalidRequestError
 from dynamo_gateway.protocol.engine import (
     EngineOutput,
@@ -81,7 +82,7 @@ def llm_kwargs(trtllm: Any, context: EngineContext, opts: TrtllmSettings) -> dic
     return kw
 
 
-class TrtllmEngine(EngineBase):
+class TrtllmEngine(LibraryEngine):
     """TensorRT-LLM's LLM API as an `Engine` (see the module docstring)."""
 
     def __init__(
@@ -92,13 +93,11 @@ class TrtllmEngine(EngineBase):
         *,
         llm_factory: Callable[..., Any] | None = None,
     ) -> None:
-        self._context = context
+        super().__init__(context)
         self._trtllm = trtllm
         self._opts = opts
         self._llm_factory = llm_factory  # None: trtllm.LLM, looked up by start()
         self._llm: Any = None
-        self._state = EngineState.CREATED
-        self._block_size = context.settings.cache.block_size
         self._inflight: dict[str, Any] = {}  # our request id -> RequestOutput
         self._load = LoadMetrics()
         self._tasks: list[asyncio.Task[None]] = []
@@ -107,23 +106,11 @@ class TrtllmEngine(EngineBase):
         self._disagg_cls: Any = None
 
     @property
-    def state(self) -> EngineState:
-        return self._state
-
-    @property
-    def block_size(self) -> int:
-        return self._block_size
-
-    @property
     def translator(self) -> TrtllmEventTranslator:
         return self._translator
 
-    async def start(self) -> None:
-        if self._state is not EngineState.CREATED:
-            return
-        self._state = EngineState.STARTING
+    async def _start(self) -> None:
         if self._opts.skip_tokenizer_init and not self._context.model.eos_token_ids:
-            self._state = EngineState.FAILED
             raise EngineError("skip_tokenizer_init needs the model's eos ids (none in its config)")
         try:
             kwargs = llm_kwargs(self._trtllm, self._context, self._opts)
@@ -134,7 +121,6 @@ class TrtllmEngine(EngineBase):
                 module = importlib.import_module(f"{self._trtllm.__name__}.disaggregated_params")
                 self._disagg_cls = module.DisaggregatedParams
         except Exception as exc:
-            self._state = EngineState.FAILED
             self._failure = repr(exc)
             raise EngineError(f"TensorRT-LLM failed to start: {exc}") from exc
         loop = asyncio.get_running_loop()
@@ -142,7 +128,6 @@ class TrtllmEngine(EngineBase):
             self._tasks.append(loop.create_task(self._poll_kv_events(), name="trtllm-kv-events"))
         if self._opts.iter_stats:
             self._tasks.append(loop.create_task(self._poll_stats(), name="trtllm-stats"))
-        self._state = EngineState.RUNNING
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
         if self._state is not EngineState.RUNNING:
@@ -242,12 +227,12 @@ class TrtllmEngine(EngineBase):
         return LoadMetrics(active_requests=len(self._inflight))
 
     async def aclose(self) -> None:
-        if self._state in (EngineState.STOPPED, EngineState.CREATED):
-            self._state = EngineState.STOPPED
-            return
-        self._state = EngineState.DRAINING
-        for result in list(self._inflight.values()):
-            self._abort_result(result)
+        if self._state is not EngineState.STOPPED:
+            for result in list(self._inflight.values()):
+                self._abort_result(result)
+        await super().aclose()
+
+    async def _release(self) -> None:
         tasks, self._tasks = self._tasks, []
         for task in tasks:
             task.cancel()
@@ -257,7 +242,7 @@ class TrtllmEngine(EngineBase):
         llm, self._llm = self._llm, None
         if llm is not None:
             await asyncio.to_thread(llm.shutdown)
-        self._state = EngineState.STOPPED
+        await super()._release()
 
     # -- background polling ----------------------------------------------------------------
 

@@ -21,13 +21,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import socket
-import tempfile
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
-from dynamo_gateway.engines.base import EngineBase, EngineContext, EngineState
+from dynamo_gateway.engines.base import EngineContext, EngineState
+from dynamo_gateway.engines.library import LibraryEngine
 from dynamo_gateway.errors import EngineError
 from dynamo_gateway.kv.vllm_events import VllmEventTranslator, VllmZmqSubscriber
 from dynamo_gateway.protocol.engine import (
@@ -93,43 +92,22 @@ def _stat_logger_factory(vllm: ModuleType, stats: _Stats) -> Any:
     return _Recorder
 
 
-class VllmEngine(EngineBase):
+class VllmEngine(LibraryEngine):
     """One worker's vLLM engine (see the module docstring)."""
 
+    kind = "vllm"
+
     def __init__(self, context: EngineContext, vllm: ModuleType) -> None:
-        self._context = context
+        super().__init__(context)
         self._vllm = vllm
-        self._state = EngineState.CREATED
         self._llm: Any = None
         self._stats = _Stats()
-        self._block_size = context.settings.cache.block_size
         self._num_blocks = 0
         self._max_logprobs = 20
         self._subscriber: VllmZmqSubscriber | None = None
-        self._ipc_dir: tempfile.TemporaryDirectory[str] | None = None
         self._live: set[str] = set()
 
-    # -- Engine protocol ------------------------------------------------------------
-
-    @property
-    def state(self) -> EngineState:
-        return self._state
-
-    @property
-    def block_size(self) -> int:
-        return self._block_size
-
-    async def start(self) -> None:
-        if self._state is not EngineState.CREATED:
-            return
-        self._state = EngineState.STARTING
-        try:
-            await self._start()
-        except BaseException:
-            self._state = EngineState.FAILED
-            await self._release()
-            raise
-        self._state = EngineState.RUNNING
+    # -- Engine protocol (lifecycle: LibraryEngine) ---------------------------------
 
     async def _start(self) -> None:
         vllm = self._vllm
@@ -140,10 +118,7 @@ class VllmEngine(EngineBase):
         from vllm.utils.argparse_utils import FlexibleArgumentParser
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        endpoint: str | None = None
-        if context.publish_kv_event is not None:
-            self._ipc_dir = tempfile.TemporaryDirectory(prefix="dgw-vllm-")
-            endpoint = f"ipc://{os.path.join(self._ipc_dir.name, 'kv-events')}"
+        endpoint = self.kv_event_endpoint() if context.publish_kv_event is not None else None
         user_block = "--block-size" in settings.engine_args or any(
             a.startswith("--block-size=") for a in settings.engine_args
         )
@@ -182,8 +157,7 @@ class VllmEngine(EngineBase):
             self._subscriber.start()
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
-        if self._state is not EngineState.RUNNING:
-            raise EngineError(f"vllm engine {self._context.worker_id} is {self._state.value}")
+        self._check_running()
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind, SamplingParams
 
@@ -298,13 +272,10 @@ class VllmEngine(EngineBase):
         return translate.load_metrics(s.running, s.waiting, s.kv_usage, self._num_blocks)
 
     async def aclose(self) -> None:
-        if self._state is EngineState.STOPPED:
-            return
-        if self._llm is not None:
+        if self._llm is not None and self._state is not EngineState.STOPPED:
             with contextlib.suppress(Exception):
                 await self._llm.abort(list(self._live))
-        await self._release()
-        self._state = EngineState.STOPPED
+        await super().aclose()
 
     async def _release(self) -> None:
         if self._subscriber is not None:
@@ -313,6 +284,4 @@ class VllmEngine(EngineBase):
         llm, self._llm = self._llm, None
         if llm is not None:
             await asyncio.to_thread(llm.shutdown)
-        if self._ipc_dir is not None:
-            self._ipc_dir.cleanup()
-            self._ipc_dir = None
+        await super()._release()
