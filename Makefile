@@ -81,6 +81,8 @@ $(VLLM_STAMP): pyproject.toml constraints-cpu.txt plugins/vllm/pyproject.toml
 	$(VLLM_VENV)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec
 	$(VLLM_VENV)/bin/python -m pip install -q -c constraints-cpu.txt -e . -e plugins/vllm \
 		pytest==9.2.0 pytest-asyncio==1.5.0 openai httpx
+	# NIXL for vLLM's NixlConnector (prefill/decode disaggregation over UCX on host memory).
+	$(VLLM_VENV)/bin/python -m pip install -q --no-deps nixl==1.5.1 nixl-cu12==1.5.1
 	touch $(VLLM_STAMP)
 
 .PHONY: test-vllm

@@ -17,7 +17,12 @@ import logging
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
-from dynamo_gateway.disagg.params import decode_leg, prefill_leg, release_abandoned
+from dynamo_gateway.disagg.params import (
+    decode_leg,
+    prefill_leg,
+    prefill_leg_failed,
+    release_abandoned,
+)
 from dynamo_gateway.disagg.policy import LocalReason
 from dynamo_gateway.errors import EngineError
 from dynamo_gateway.protocol.engine import EngineOutput, EngineRequest, FinishReason, TokenLogprob
@@ -29,8 +34,6 @@ if TYPE_CHECKING:
 __all__ = ["DisaggRouted"]
 
 log = logging.getLogger(__name__)
-
-_FAILED = (FinishReason.ERROR, FinishReason.ABORT)
 
 
 class DisaggRouted:
@@ -106,7 +109,7 @@ class DisaggRouted:
             await self._end_prefill()
         if failure is None and (last is None or last.finish_reason is None):
             failure = "the prefill leg ended without a finish reason"
-        elif failure is None and last is not None and (last.finish_reason in _FAILED or not tokens):
+        elif failure is None and last is not None and prefill_leg_failed(last, tokens):
             failure = last.error or f"the prefill leg ended with {last.finish_reason}"
         if failure is not None:
             # Aggregated on the decode worker; the client sees nothing of it.

@@ -19,7 +19,7 @@ from typing import Any
 
 import msgspec
 
-from dynamo_gateway.protocol.engine import EngineRequest
+from dynamo_gateway.protocol.engine import EngineOutput, EngineRequest, FinishReason
 
 __all__ = ["DO_REMOTE_DECODE", "DO_REMOTE_PREFILL", "PrefillDone", "parse_prefill_done"]
 
@@ -70,6 +70,18 @@ def decode_leg(
     """The decode leg of `request`: the prefill's tokens resumed, its handoff attached."""
     resumed = [*request.resumed_token_ids, *first_tokens]
     return msgspec.structs.replace(request, resumed_token_ids=resumed, kv_transfer_params=params)
+
+
+def prefill_leg_failed(last: EngineOutput, tokens: list[int]) -> bool:
+    """Whether a prefill leg that finished with `last` (after `tokens`) failed.
+
+    An error or abort failed; so did a leg with neither tokens nor a handoff. A
+    handoff without tokens is an engine whose decode side computes the first
+    token itself (SGLang's bootstrap room): its decode leg yields every token.
+    """
+    if last.finish_reason in (FinishReason.ERROR, FinishReason.ABORT):
+        return True
+    return not tokens and last.kv_transfer_params is None
 
 
 async def release_abandoned(params: dict[str, Any]) -> bool:

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 
 from dynamo_gateway.disagg.layout import BlockRun, KvLayout, incompatibility, merge_runs
-from dynamo_gateway.disagg.params import PrefillDone, parse_prefill_done
+from dynamo_gateway.disagg.params import PrefillDone, parse_prefill_done, prefill_leg_failed
 from dynamo_gateway.disagg.policy import LocalReason, PrefillLoad, decide
+from dynamo_gateway.protocol.engine import EngineOutput, FinishReason
 
 LAYOUT = KvLayout(num_layers=30, num_kv_heads=3, head_dim=64, block_size=16, dtype="float32")
 
@@ -138,3 +139,21 @@ def test_stale_shm_pools_of_dead_processes_are_removed(tmp_path: Path) -> None:
         path.write_bytes(b"x")
     assert remove_stale_pools(tmp_path) == [stale]
     assert not stale.exists() and live.exists() and other.exists()
+
+
+@pytest.mark.parametrize(
+    ("finish", "tokens", "params", "failed"),
+    [
+        (FinishReason.LENGTH, [7], {"transfer_id": "t"}, False),  # ours: the first token + handoff
+        (FinishReason.LENGTH, [], {"bootstrap_room": 3}, False),  # SGLang: decode makes every token
+        (FinishReason.STOP, [2], None, False),  # EOS first: the whole answer
+        (FinishReason.LENGTH, [], None, True),  # nothing at all
+        (FinishReason.ERROR, [7], {"transfer_id": "t"}, True),
+        (FinishReason.ABORT, [], {"bootstrap_room": 3}, True),
+    ],
+)
+def test_prefill_leg_failed(
+    finish: FinishReason, tokens: list[int], params: dict[str, object] | None, failed: bool
+) -> None:
+    last = EngineOutput(token_ids=tokens, finish_reason=finish, kv_transfer_params=params)
+    assert prefill_leg_failed(last, tokens) is failed
