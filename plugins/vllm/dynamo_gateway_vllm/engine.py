@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import socket
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
@@ -46,6 +47,8 @@ log = logging.getLogger(__name__)
 # Engines of one process start one at a time: each sets the environment its spawned
 # engine-core process inherits.
 _SPAWN_LOCK = asyncio.Lock()
+# The environment as the user gave it, before any worker's spawn settings.
+_USER_ENV = dict(os.environ)
 
 
 def _free_port() -> int:
@@ -132,7 +135,7 @@ class VllmEngine(LibraryEngine):
             max_model_len=settings.max_model_len or context.model.max_model_len,
             block_size=None if user_block else block,
             kv_events_endpoint=endpoint,
-            kv_connector=context.role is not WorkerRole.AGGREGATED,
+            kv_role=translate.kv_role(context.role),
             on_cpu=on_cpu,
             user_args=settings.engine_args,
         )
@@ -144,8 +147,30 @@ class VllmEngine(LibraryEngine):
         args = AsyncEngineArgs.from_cli_args(ns)
         log.info("starting vLLM %s for %s: %s", vllm.__version__, context.worker_id, argv)
         factory = _stat_logger_factory(vllm, self._stats)
-        # The constructor spawns the engine-core process and waits for it (seconds).
-        self._llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args, stat_loggers=[factory])
+        spawn_env: dict[str, str] = {}
+        if context.role is not WorkerRole.AGGREGATED:
+            # NixlConnector's handshake listener binds this port in the engine-core
+            # process: one per worker, or a second worker on the host cannot start.
+            spawn_env["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(_free_port())
+        if on_cpu:
+            ncpus = len(os.sched_getaffinity(0))
+            spawn_env.update(translate.cpu_thread_env(context.role, ncpus, _USER_ENV))
+        async with _SPAWN_LOCK:
+            # The engine-core process inherits this process's environment when it is
+            # spawned; the lock keeps each worker's values to its own spawn.
+            saved = {k: os.environ.get(k) for k in spawn_env}
+            os.environ.update(spawn_env)
+            try:
+                # The constructor spawns the engine-core process and waits (seconds).
+                self._llm = await asyncio.to_thread(
+                    AsyncLLM.from_engine_args, args, stat_loggers=[factory]
+                )
+            finally:
+                for k, v in saved.items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
         self._llm._run_output_handler()  # bind the output handler to this loop
         cache = self._llm.vllm_config.cache_config
         self._block_size = int(cache.block_size)

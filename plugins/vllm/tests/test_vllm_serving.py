@@ -31,7 +31,8 @@ PROMPTS = [
 ]
 
 
-def _served(real_model: Path, tmp_path: Path, args: list[str]) -> GatewayProcess:
+def served(tmp_path: Path, args: list[str]) -> GatewayProcess:
+    """`dynamo-gateway serve ARGS` in a process, once it is ready."""
     port = free_port()
     argv = [sys.executable, "-m", "dynamo_gateway.cli", "serve", "--port", str(port), *args]
     log_path = tmp_path / f"gateway-{port}.log"
@@ -49,8 +50,7 @@ def _served(real_model: Path, tmp_path: Path, args: list[str]) -> GatewayProcess
 @pytest.fixture(scope="module")
 def gateway(real_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     tmp = tmp_path_factory.mktemp("vllm-gw")
-    gw = _served(
-        real_model,
+    gw = served(
         tmp,
         [
             "--model",

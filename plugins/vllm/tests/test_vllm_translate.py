@@ -20,6 +20,7 @@ from dynamo_gateway.protocol.engine import (
     FinishReason,
     SamplingParams,
     TokenLogprob,
+    WorkerRole,
 )
 
 
@@ -165,7 +166,7 @@ def test_engine_argv(tmp_path: Path) -> None:
         max_model_len=2048,
         block_size=32,
         kv_events_endpoint="ipc:///tmp/x/kv",
-        kv_connector=True,
+        kv_role="kv_producer",
         on_cpu=True,
         user_args=["--max-num-seqs", "8"],
     )
@@ -177,7 +178,7 @@ def test_engine_argv(tmp_path: Path) -> None:
     transfer = json.loads(argv[argv.index("--kv-transfer-config") + 1])
     assert transfer == {
         "kv_connector": "NixlConnector",
-        "kv_role": "kv_both",
+        "kv_role": "kv_producer",
         "kv_buffer_device": "cpu",
     }
     plain = translate.engine_argv(
@@ -185,8 +186,42 @@ def test_engine_argv(tmp_path: Path) -> None:
         max_model_len=None,
         block_size=None,
         kv_events_endpoint=None,
-        kv_connector=False,
+        kv_role=None,
         on_cpu=False,
         user_args=[],
     )
     assert "--kv-events-config" not in plain and "--enforce-eager" not in plain
+    assert "--kv-transfer-config" not in plain
+
+
+def test_kv_role() -> None:
+    assert translate.kv_role(WorkerRole.AGGREGATED) is None
+    assert translate.kv_role(WorkerRole.PREFILL) == "kv_producer"
+    assert translate.kv_role(WorkerRole.DECODE) == "kv_consumer"
+
+
+@pytest.mark.parametrize(
+    ("role", "ncpus", "environ", "expected"),
+    [
+        (WorkerRole.AGGREGATED, 2, {}, {}),
+        (
+            WorkerRole.PREFILL,
+            2,
+            {},
+            {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1"},
+        ),
+        (
+            WorkerRole.DECODE,
+            16,
+            {},
+            {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "8"},
+        ),
+        (WorkerRole.DECODE, 1, {}, {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1"}),
+        (WorkerRole.PREFILL, 8, {"OMP_NUM_THREADS": "3"}, {}),
+        (WorkerRole.PREFILL, 8, {"VLLM_CPU_OMP_THREADS_BIND": "0-3"}, {}),
+    ],
+)
+def test_cpu_thread_env(
+    role: WorkerRole, ncpus: int, environ: dict[str, str], expected: dict[str, str]
+) -> None:
+    assert translate.cpu_thread_env(role, ncpus, environ) == expected

