@@ -17,7 +17,14 @@ from test_vllm_serving import PROMPTS, VLLM_FLAGS, served
 
 from dynamo_gateway.testing import read_metric
 
-pytestmark = [pytest.mark.vllm, pytest.mark.real_model]
+pytestmark = [
+    pytest.mark.vllm,
+    pytest.mark.real_model,
+    # An earlier module's in-process vLLM may leave ZMQ contexts to the collector.
+    pytest.mark.filterwarnings(
+        "ignore:Exception ignored in.*Context.__del__:pytest.PytestUnraisableExceptionWarning"
+    ),
+]
 
 # Prompts longer than --disagg-min-prefill-tokens, so that each goes remote.
 LONG = [p + " " + " ".join(f"note {i}: {p.lower()}" for i in range(12)) for p in PROMPTS]
