@@ -63,6 +63,12 @@ class Capabilities:
     # batched with others, read fast or slowly, resumed or not. Enables the checks
     # that compare two runs token for token (and the gateway's stop-string test).
     deterministic_greedy: bool = False
+    # Engines whose kernels are not batch-invariant (vLLM on CPU): two greedy runs of
+    # one prompt may part where the top two tokens are this close (in logprob, nats),
+    # batch shapes changing the last bits of the logits. The token-for-token checks
+    # then accept a first divergence at such a near-tie (checked with `logprobs`,
+    # which the engine must declare) and nothing else. 0: identical, always.
+    greedy_tie_nats: float = 0.0
     # A repeated prompt reuses the KV of its full blocks: `cached_tokens` > 0.
     prefix_caching: bool = False
     # SamplingParams.logprobs = k gives a `TokenLogprob` per token with k alternatives.

@@ -11,9 +11,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-import openai
 import pytest
-from test_vllm_serving import PROMPTS, VLLM_FLAGS, served
+from test_vllm_serving import PROMPTS, VLLM_FLAGS, ZMQ_CONTEXT_GARBAGE, client, served
 
 from dynamo_gateway.testing import read_metric
 
@@ -21,9 +20,7 @@ pytestmark = [
     pytest.mark.vllm,
     pytest.mark.real_model,
     # An earlier module's in-process vLLM may leave ZMQ contexts to the collector.
-    pytest.mark.filterwarnings(
-        "ignore:Exception ignored in.*Context.__del__:pytest.PytestUnraisableExceptionWarning"
-    ),
+    pytest.mark.filterwarnings(ZMQ_CONTEXT_GARBAGE),
 ]
 
 # Prompts longer than --disagg-min-prefill-tokens, so that each goes remote.
@@ -31,17 +28,14 @@ LONG = [p + " " + " ".join(f"note {i}: {p.lower()}" for i in range(12)) for p in
 MAX_TOKENS = 24
 
 
-def _client(url: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120)
-
-
 def _answers(url: str) -> list[tuple[str, str | None]]:
     out = []
-    for prompt in LONG:
-        reply = _client(url).completions.create(
-            model="smol", prompt=prompt, max_tokens=MAX_TOKENS, temperature=0
-        )
-        out.append((reply.choices[0].text, reply.choices[0].finish_reason))
+    with client(url) as c:
+        for prompt in LONG:
+            reply = c.completions.create(
+                model="smol", prompt=prompt, max_tokens=MAX_TOKENS, temperature=0
+            )
+            out.append((reply.choices[0].text, reply.choices[0].finish_reason))
     return out
 
 
@@ -104,12 +98,9 @@ def test_the_decode_worker_keeps_the_pulled_prefix(disagg: str) -> None:
     """The KV pulled over NIXL lands in the decode vLLM's prefix cache: a repeat of
     the prompt finds it there (and the policy keeps that short remainder local)."""
     prompt = LONG[0] + " Once more:"
-    first = _client(disagg).completions.create(
-        model="smol", prompt=prompt, max_tokens=4, temperature=0
-    )
-    again = _client(disagg).completions.create(
-        model="smol", prompt=prompt, max_tokens=4, temperature=0
-    )
+    with client(disagg) as c:
+        first = c.completions.create(model="smol", prompt=prompt, max_tokens=4, temperature=0)
+        again = c.completions.create(model="smol", prompt=prompt, max_tokens=4, temperature=0)
     assert again.choices[0].text == first.choices[0].text
     assert first.usage is not None and again.usage is not None
     details = again.usage.prompt_tokens_details
@@ -118,14 +109,15 @@ def test_the_decode_worker_keeps_the_pulled_prefix(disagg: str) -> None:
 
 def test_streamed_chat_over_the_pair(disagg: str) -> None:
     messages = [{"role": "user", "content": LONG[0]}]
-    whole = _client(disagg).chat.completions.create(
-        model="smol", messages=messages, max_tokens=MAX_TOKENS, temperature=0
-    )
-    chunks = list(
-        _client(disagg).chat.completions.create(
-            model="smol", messages=messages, max_tokens=MAX_TOKENS, temperature=0, stream=True
+    with client(disagg) as c:
+        whole = c.chat.completions.create(
+            model="smol", messages=messages, max_tokens=MAX_TOKENS, temperature=0
         )
-    )
+        chunks = list(
+            c.chat.completions.create(
+                model="smol", messages=messages, max_tokens=MAX_TOKENS, temperature=0, stream=True
+            )
+        )
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert streamed == whole.choices[0].message.content
     assert whole.usage is not None and whole.usage.completion_tokens == MAX_TOKENS
