@@ -206,6 +206,25 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
         type=float,
         help="prefill role: free KV blocks not pulled within this many seconds (default 30)",
     )
+    _add_kvbm_args(p)
+
+
+def _add_kvbm_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("KV cache tiers", "blocks below the device cache (docs/kv-tiers.md)")
+    g.add_argument("--kv-host-cache-gb", type=float, metavar="GB", help="host RAM tier size")
+    g.add_argument("--kv-disk-cache-dir", type=Path, metavar="DIR", help="disk tier directory")
+    g.add_argument("--kv-disk-cache-gb", type=float, metavar="GB", help="disk tier size (8)")
+    g.add_argument(
+        "--kv-remote-url",
+        metavar="URL",
+        help="shared tier for every worker of a model, e.g. redis://127.0.0.1:6379/0",
+    )
+    g.add_argument(
+        "--kv-offload-policy",
+        metavar="POLICY",
+        help="write-through | write-on-evict, or tier=mode[:min-uses=N],... "
+        "(default host=write-on-evict,disk=write-on-evict,remote=write-through)",
+    )
 
 
 def _add_disagg_args(p: argparse.ArgumentParser) -> None:
@@ -295,6 +314,11 @@ _SETTINGS_MAP: dict[str, tuple[str, ...]] = {
     "dtype": ("reference", "dtype"),
     "block_size": ("cache", "block_size"),
     "num_kv_blocks": ("cache", "num_kv_blocks"),
+    "kv_host_cache_gb": ("kvbm", "host_cache_gb"),
+    "kv_disk_cache_dir": ("kvbm", "disk_cache_dir"),
+    "kv_disk_cache_gb": ("kvbm", "disk_cache_gb"),
+    "kv_remote_url": ("kvbm", "remote_url"),
+    "kv_offload_policy": ("kvbm", "offload_policy"),
     "max_num_seqs": ("scheduler", "max_num_seqs"),
     "max_num_batched_tokens": ("scheduler", "max_num_batched_tokens"),
     "discovery": ("runtime", "discovery"),

@@ -33,6 +33,7 @@ DEFAULT_PLUGINS: tuple[tuple[str, str], ...] = (
     ("dynamo_gateway.default_plugins.routers", "builtin.routers"),
     ("dynamo_gateway.default_plugins.runtime", "builtin.runtime"),
     ("dynamo_gateway.default_plugins.transports", "builtin.transports"),
+    ("dynamo_gateway.default_plugins.tiers", "builtin.tiers"),
 )
 
 # hook name -> Registry attribute it fills

@@ -17,6 +17,7 @@ from dynamo_gateway.router.base import RouterFactory
 
 if TYPE_CHECKING:
     from dynamo_gateway.disagg.transport import KvTransportFactory
+    from dynamo_gateway.kvbm.tier import CacheTierFactory
 
 F = TypeVar("F")
 F_contra = TypeVar("F_contra", contravariant=True)
@@ -34,7 +35,7 @@ class Register(Protocol[F_contra]):
 EngineRegister = Register[EngineFactory]
 RouterRegister = Register[RouterFactory]
 KvTransportRegister = Register["KvTransportFactory"]
-CacheTierRegister = Register[ComponentFactory]
+CacheTierRegister = Register["CacheTierFactory"]
 DiscoveryRegister = Register[ComponentFactory]
 EventPlaneRegister = Register[ComponentFactory]
 PlannerConnectorRegister = Register[ComponentFactory]
@@ -98,7 +99,7 @@ class Registry:
     kv_transports: Family[KvTransportFactory] = field(
         default_factory=lambda: Family("KV transport")
     )
-    cache_tiers: Family[ComponentFactory] = field(default_factory=lambda: Family("cache tier"))
+    cache_tiers: Family[CacheTierFactory] = field(default_factory=lambda: Family("cache tier"))
     discovery: Family[ComponentFactory] = field(default_factory=lambda: Family("discovery backend"))
     event_planes: Family[ComponentFactory] = field(
         default_factory=lambda: Family("event-plane backend")

@@ -113,6 +113,40 @@ class DisaggSettings(BaseModel):
     )
 
 
+class KvbmSettings(BaseModel):
+    """`[kvbm]`: KV cache tiers below the device cache (docs/kv-tiers.md)."""
+
+    host_cache_gb: float = Field(0.0, ge=0, description="host RAM tier size, GiB (0: off)")
+    disk_cache_dir: Path | None = Field(None, description="disk tier directory (unset: off)")
+    disk_cache_gb: float = Field(8.0, gt=0, description="disk tier size, GiB")
+    remote_url: str | None = Field(
+        None, description="shared tier every worker of a model reads, e.g. redis://127.0.0.1:6379"
+    )
+    remote_ttl_s: float | None = Field(
+        None, gt=0, description="shared tier: blocks expire this long after they were written"
+    )
+    offload_policy: str = Field(
+        "host=write-on-evict,disk=write-on-evict,remote=write-through",
+        description="when blocks move down: one mode (write-through | write-on-evict) or "
+        "tier=mode[:min-uses=N],... for host, disk and remote",
+    )
+    max_pending_writes: int = Field(
+        256, ge=1, description="disk/remote writes queued per worker before new ones are dropped"
+    )
+
+    @field_validator("offload_policy")
+    @classmethod
+    def _check_policy(cls, value: str) -> str:
+        from dynamo_gateway.kvbm.policy import parse_offload_policy
+
+        parse_offload_policy(value)  # ValueError -> a validation error naming the part
+        return value
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.host_cache_gb or self.disk_cache_dir or self.remote_url)
+
+
 class ReferenceSettings(BaseModel):
     """The built-in torch reference engine."""
 
@@ -198,6 +232,22 @@ class KvRouterSettings(BaseModel):
     session_ttl_s: float = Field(
         300.0, ge=0, description="X-Session-Id affinity lasts this long after the last request"
     )
+    tier_weights: dict[str, float] = Field(
+        default_factory=lambda: {
+            "GPU": 1.0,
+            "CPU": 0.75,
+            "DISK": 0.25,
+            "REMOTE": 0.2,
+            "STORAGE": 0.25,
+        },
+        description="credit of a prefix block by the medium it would come from "
+        "(Dynamo: host 0.75, disk 0.25); media not named count for nothing",
+    )
+    shared_media: list[str] = Field(
+        default_factory=lambda: ["REMOTE"],
+        description="media every worker of a model reads (a shared store): a block "
+        "there counts for all of them",
+    )
     max_imbalance_blocks: int | None = Field(
         None,
         ge=0,
@@ -256,6 +306,7 @@ class Settings(BaseSettings):
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     kv_router: KvRouterSettings = Field(default_factory=KvRouterSettings)
     disagg: DisaggSettings = Field(default_factory=DisaggSettings)
+    kvbm: KvbmSettings = Field(default_factory=KvbmSettings)
     plugin_config: dict[str, dict[str, Any]] = Field(default_factory=dict)
     engine_args: list[str] = Field(
         default_factory=list,

@@ -16,6 +16,16 @@ blocks (in `schedule()`) whose `BlockRemoved` the step loop publishes only after
 the step; `kv_snapshot()` publishes such pending events first, so the snapshot's
 ``event_id`` is exactly the last published id and the snapshot reflects every
 event up to it and none after.
+
+KV tiers (`dynamo_gateway.kvbm`, when ``[kvbm]`` configures any and the engine
+sets ``_tiers``): a new request's blocks past its device-cached prefix are
+looked up in the tiers (on the tiers' reader thread) before it is queued; if a
+tier holds some, the request is admitted RECEIVING, like a decode leg, and the
+blocks are onboarded into its fresh device blocks while other requests keep
+running (`_onboard`). What was onboarded counts as cached (``cached_tokens``);
+what could not be is recomputed. Device blocks go down through the block pool's
+``on_commit``/``on_evict`` hooks (`_offload_block`), and the tiers' events join
+the worker's KV event stream on the loop.
 """
 
 from __future__ import annotations
@@ -37,7 +47,9 @@ from dynamo_gateway.disagg.transport import KvMemory
 from dynamo_gateway.engines.base import EngineBase, EngineContext, EngineState
 from dynamo_gateway.engines.scheduler import KvEventPublisher, Scheduler, Seq, StepPlan
 from dynamo_gateway.errors import EngineError, KvTransferError
-from dynamo_gateway.kv.block_manager import KvSequence
+from dynamo_gateway.kv.block_manager import BlockManager, KvSequence
+from dynamo_gateway.kv.hashing import sequence_hashes
+from dynamo_gateway.kvbm.manager import OnboardPlan, TieredCache
 from dynamo_gateway.protocol.engine import (
     EngineOutput,
     EngineRequest,
@@ -90,6 +102,8 @@ class ScheduledEngine(EngineBase):
         self._agent: KvTransferAgent | None = None
         self._pulls: set[asyncio.Task[None]] = set()
         self.local_fallbacks = 0  # decode legs that prefilled here instead of pulling
+        # KV tiers below the device cache: set by the subclass's start() (`_attach_tiers`).
+        self._tiers: TieredCache | None = None
 
     # -- introspection (tests, stats) -------------------------------------------------
 
@@ -119,6 +133,11 @@ class ScheduledEngine(EngineBase):
         return self._num_steps
 
     @property
+    def kv_tiers(self) -> TieredCache | None:
+        """This worker's KV tiers below the device cache, if any."""
+        return self._tiers
+
+    @property
     def kv_transfer_agent(self) -> KvTransferAgent | None:
         """This worker's disaggregation agent (prefill and decode roles), if any."""
         return self._agent
@@ -131,9 +150,13 @@ class ScheduledEngine(EngineBase):
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
         if self._state is not EngineState.RUNNING or self._loop is None:
             raise EngineError(self._describe())
-        req = self._submit(request)
+        tiers = self._tiers
+        req = self._submit(request, enqueue=tiers is None)
         loop = self._loop
         try:
+            if tiers is not None:
+                await self._plan_onboard(tiers, req)
+                self._enqueue(req)
             while True:
                 if not req.has_output:
                     waiter: asyncio.Future[None] = loop.create_future()
@@ -206,7 +229,18 @@ class ScheduledEngine(EngineBase):
                 raise EngineError(
                     f"{self.kind} engine {self._worker_id}: call kv_snapshot() on its event loop"
                 )
-        return self._events.snapshot(sched.block_manager)
+        snapshot = self._events.snapshot(sched.block_manager)
+        tiers = self._tiers
+        if tiers is not None:
+            # Tier events still queued are published first (the snapshot then
+            # reflects them); a write landing meanwhile only repeats a store.
+            self._publish_tier_events()
+            snapshot = KvSnapshot(
+                worker_id=snapshot.worker_id,
+                event_id=self._events.last_event_id,
+                blocks=[*snapshot.blocks, *tiers.snapshot()],
+            )
+        return snapshot
 
     # -- for subclasses ---------------------------------------------------------------
 
@@ -214,7 +248,7 @@ class ScheduledEngine(EngineBase):
         """Build the engine's own request object; `tokens` = prompt + resumed tokens."""
         raise NotImplementedError
 
-    def _submit(self, request: EngineRequest) -> WaitingSeq:
+    def _submit(self, request: EngineRequest, *, enqueue: bool = True) -> WaitingSeq:
         sched = self._sched
         assert sched is not None
         rid = request.request_id
@@ -227,11 +261,18 @@ class ScheduledEngine(EngineBase):
         req = self._make_request(request, tokens)
         if request.kv_transfer_params:
             self._take_transfer_params(request, req)
+        if enqueue:
+            self._enqueue(req)
+        return req
+
+    def _enqueue(self, req: WaitingSeq) -> None:
         # False: it ended at once (nothing to generate, or too big for the cache);
         # the consumer finds the finish reason without waiting.
-        if sched.add(req):
+        assert self._sched is not None
+        if self._sched.get(req.seq_id) is not None:
+            raise EngineError(f"request {req.seq_id!r} is already running")
+        if self._sched.add(req):
             self._wake.set()
-        return req
 
     # -- disaggregation ----------------------------------------------------------------
 
@@ -325,7 +366,11 @@ class ScheduledEngine(EngineBase):
 
     def _start_pulls(self, plan: StepPlan) -> None:
         for seq in plan.imports:
-            task = asyncio.get_running_loop().create_task(self._pull(seq))
+            if isinstance(seq.import_params, OnboardPlan):
+                work = self._onboard(seq)
+            else:
+                work = self._pull(seq)
+            task = asyncio.get_running_loop().create_task(work)
             self._pulls.add(task)
             task.add_done_callback(self._pulls.discard)
 
@@ -356,6 +401,98 @@ class ScheduledEngine(EngineBase):
         finally:
             if self._sched is not None:
                 self._sched.import_done(seq, ok)
+                if seq.finish_reason is not None and isinstance(seq, WaitingSeq):
+                    seq.wake()
+            self._wake.set()
+
+    # -- KV tiers -----------------------------------------------------------------------
+
+    def _attach_tiers(self, tiers: TieredCache, blocks: BlockManager) -> None:
+        """Subclasses with tiers call this from start(), before the step loop runs."""
+        loop = asyncio.get_running_loop()
+        self._tiers = tiers
+
+        def notify() -> None:  # from any thread
+            loop.call_soon_threadsafe(self._publish_tier_events)
+
+        tiers.notify = notify
+        blocks.on_commit = lambda bid, h: self._offload_block(blocks, bid, h, evicted=False)
+        blocks.on_evict = lambda bid, h: self._offload_block(blocks, bid, h, evicted=True)
+
+    def _offload_block(self, blocks: BlockManager, bid: int, h: int, *, evicted: bool) -> None:
+        tiers = self._tiers
+        if tiers is None:
+            return
+        targets = tiers.device_targets(h, evicted=evicted)
+        if targets:
+            stored = blocks.stored(h)
+            meta = (stored[0], stored[1]) if stored is not None else (None, ())
+            tiers.offload(h, meta, self._read_block(bid), targets)
+
+    def _read_block(self, block_id: int) -> memoryview:
+        """A private copy of one device block's bytes (engines with tiers implement it)."""
+        raise NotImplementedError
+
+    def _write_block(self, block_id: int, payload: memoryview) -> None:
+        """Write one block's bytes into a device block (runs on the tiers' reader thread)."""
+        raise NotImplementedError
+
+    def _publish_tier_events(self) -> None:
+        tiers = self._tiers
+        if tiers is not None and self._sched is not None:
+            self._events.publish(tiers.drain_events())
+
+    async def _plan_onboard(self, tiers: TieredCache, req: WaitingSeq) -> None:
+        """Before a request is queued: do the tiers hold blocks past its device prefix?"""
+        sched = self._sched
+        if req.import_tokens or sched is None:
+            return  # a decode leg: its KV comes from the prefill worker
+        bs = self._block_size
+        tokens = req.tokens
+        limit = (len(tokens) - 1) // bs  # at least one token is computed (its logits)
+        if limit <= 0:
+            return
+        hashes = sequence_hashes(tokens[: limit * bs], bs)
+        req.kv.hashes = list(hashes)  # the pool would compute the same ones
+        tiers.record_uses(hashes)
+        start = sched.block_manager.cached_run(hashes)
+        if start >= limit:
+            return
+        loop = asyncio.get_running_loop()
+        plan = await loop.run_in_executor(tiers.reader, tiers.lookup, hashes, start)
+        if plan is not None:
+            req.import_tokens = plan.end * bs
+            req.import_params = plan
+
+    async def _onboard(self, seq: Seq) -> None:
+        """A RECEIVING request's blocks come up from the tiers; the rest is recomputed."""
+        tiers = self._tiers
+        plan: OnboardPlan = seq.import_params
+        seq.import_params = None
+        bs = self._block_size
+        first = seq.num_computed // bs  # leading blocks the device holds now
+        end = seq.import_tokens // bs
+        landed = 0
+        try:
+            if tiers is not None and first < end:
+                block_ids = list(seq.kv.block_ids)
+
+                def write(i: int, payload: memoryview) -> None:
+                    self._write_block(block_ids[i], payload)
+
+                loop = asyncio.get_running_loop()
+                landed = await loop.run_in_executor(
+                    tiers.reader, tiers.onboard, plan, first, end, write
+                )
+        except Exception:
+            log.exception("request %s: onboarding KV blocks failed; recomputing", seq.seq_id)
+            landed = 0
+        finally:
+            seq.import_tokens = min(seq.import_tokens, (first + landed) * bs)
+            if self._sched is not None:
+                self._sched.import_done(seq, True)
+                if not seq.first_sent and seq.finish_reason is None:
+                    seq.cached_tokens = seq.num_computed
                 if seq.finish_reason is not None and isinstance(seq, WaitingSeq):
                     seq.wake()
             self._wake.set()

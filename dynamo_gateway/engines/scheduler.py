@@ -341,7 +341,8 @@ class Scheduler:
             if seq.import_tokens and self.on_import_dropped is not None:
                 self.on_import_dropped(seq)  # ended before its transfer started
         self._blocks.free(seq.kv)
-        self._seqs.pop(seq.seq_id, None)
+        if self._seqs.get(seq.seq_id) is seq:  # not another live request of that id
+            del self._seqs[seq.seq_id]
         self._end(seq, reason, error)
         return True
 

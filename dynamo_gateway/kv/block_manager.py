@@ -28,6 +28,10 @@ Rules, which the tests pin down exactly:
 * **Events** are queued in order and handed out by `drain_events()`; removals
   that follow each other are merged into one `BlockRemoved`, and consecutive new
   blocks of one sequence in one `commit()` into one `BlockStored`.
+* **Offload hooks.** ``on_commit(block_id, hash)`` is called for each block
+  newly registered by `commit()`, and ``on_evict(block_id, hash)`` for a cached
+  block just before an allocation takes it over (its bytes still intact, its
+  `stored()` record still there): where a tiered cache copies blocks down.
 * **Snapshots.** With ``record_events`` the pool also remembers, per cached
   hash, its parent hash and its tokens (dropped when the hash leaves the cache),
   so that `snapshot()` can describe the whole prefix cache as `BlockStored`
@@ -39,7 +43,7 @@ from __future__ import annotations
 
 from array import array
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from dynamo_gateway.kv.hashing import sequence_hashes
 from dynamo_gateway.protocol.kv_events import (
@@ -96,6 +100,9 @@ class BlockManager:
         # For snapshot(), only with record_events: cached hash -> (parent hash, tokens).
         # An `array` of u32 keeps a block's tokens compact and out of the GC's sight.
         self._stored: dict[int, tuple[int | None, array[int]]] = {}
+        # Offload hooks (see the module docstring): (block id, sequence hash).
+        self.on_commit: Callable[[int, int], None] | None = None
+        self.on_evict: Callable[[int, int], None] | None = None
 
     # -- capacity -------------------------------------------------------------------------
 
@@ -135,6 +142,19 @@ class BlockManager:
     def block_hash(self, block_id: int) -> int | None:
         """The sequence hash a block is cached under, or None."""
         return self._hash.get(block_id)
+
+    def stored(self, block_hash: int) -> tuple[int | None, array[int]] | None:
+        """A cached block's parent hash and tokens (with ``record_events``), else None."""
+        return self._stored.get(block_hash)
+
+    def cached_run(self, hashes: Sequence[int]) -> int:
+        """How many leading `hashes` the prefix cache holds."""
+        n = 0
+        for h in hashes:
+            if h not in self._cached:
+                break
+            n += 1
+        return n
 
     def eviction_order(self) -> list[int]:
         """Evictable cached blocks, the next one to be evicted first."""
@@ -230,6 +250,8 @@ class BlockManager:
             self._next_unused += 1
         else:
             bid, _ = self._lru.popitem(last=False)
+            if self.on_evict is not None:
+                self.on_evict(bid, self._hash[bid])
             h = self._hash.pop(bid)
             del self._cached[h]
             if self._record:
@@ -270,6 +292,8 @@ class BlockManager:
                 )
             if run_start < 0:
                 run_start = i
+            if self.on_commit is not None:
+                self.on_commit(bid, h)
         if run_start >= 0:
             self._emit_stored(seq, tokens, run_start, n_full)
         seq.num_registered = n_full

@@ -39,7 +39,7 @@ says "STORAGE"). Each medium has its own maps, so a CPU-tier `BlockStored` or
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 
 from dynamo_gateway.protocol.kv_events import (
     AllBlocksCleared,
@@ -215,6 +215,61 @@ class RadixIndexer:
             out[worker[low.bit_length() - 1]] = depth
             mask ^= low
 
+    def find_tiered_matches(
+        self,
+        hashes: Sequence[int],
+        weights: Mapping[str, float],
+        shared: Collection[str] = (),
+    ) -> tuple[dict[str, float], float]:
+        """Per worker, the credited length of the leading run of `hashes` it can get
+        from any medium; and what a worker the index does not know gets.
+
+        A worker can get block ``i`` if it holds it on some medium of `weights`, or
+        if any worker holds it on a `shared` medium (a store every worker reads,
+        so it is reachable from workers that never stored it). Block ``i`` is
+        credited the best weight among the ways the worker can get it (a device
+        hit 1.0, a host hit 0.75, ...); a worker's run ends at the first block it
+        cannot get. Returns ``(credits, shared_only)``: ``credits`` for workers
+        the index knows (absent: nothing from block 0 on, except `shared_only`),
+        ``shared_only`` the credit of the leading run on shared media alone.
+        O(blocks matched * (media + workers holding them)).
+        """
+        ranked = sorted(
+            (
+                (w, self._tiers[m])
+                for m, w in weights.items()
+                if m not in shared and w > 0 and m in self._tiers
+            ),
+            key=lambda item: -item[0],
+        )
+        shared_tiers = [(weights.get(m, 0.0), self._tiers[m]) for m in shared if m in self._tiers]
+        credit: dict[int, float] = {}
+        alive = 0
+        for slot in self._worker:
+            alive |= 1 << slot
+        shared_only = 0.0
+        shared_alive = True
+        for h in hashes:
+            best_shared = max((w for w, tier in shared_tiers if h in tier.holders), default=0.0)
+            remaining = alive
+            for w, tier in ranked:
+                got = tier.holders.get(h, 0) & remaining
+                if got:
+                    _add_credit(credit, got, max(w, best_shared))
+                    remaining ^= got
+            if best_shared > 0:
+                if remaining:
+                    _add_credit(credit, remaining, best_shared)
+                if shared_alive:
+                    shared_only += best_shared
+            else:
+                alive ^= remaining
+                shared_alive = False
+            if not alive and not shared_alive:
+                break
+        worker = self._worker
+        return {worker[s]: c for s, c in credit.items()}, shared_only
+
     @property
     def num_blocks(self) -> int:
         """Index nodes: distinct (medium, block) pairs held by at least one worker."""
@@ -257,3 +312,11 @@ class RadixIndexer:
             total += sys.getsizeof(tier.owned)
             total += sum(sys.getsizeof(s) for s in tier.owned.values())
         return total
+
+
+def _add_credit(credit: dict[int, float], mask: int, weight: float) -> None:
+    while mask:
+        low = mask & -mask
+        slot = low.bit_length() - 1
+        credit[slot] = credit.get(slot, 0.0) + weight
+        mask ^= low

@@ -25,6 +25,15 @@ is assumed cached on its worker for ``approx_ttl_s`` seconds (inserted in the
 indexer as if the worker had sent a `BlockStored`), and expired entries are
 removed lazily before each decision.
 
+Tiers: when workers report blocks on lower media (host, disk, a shared store;
+`dynamo_gateway.kvbm`), ``overlap(w)`` becomes the tier-weighted run of
+`RadixIndexer.find_tiered_matches`: each leading block counts the weight of the
+best medium it can come from (``tier_weights``: GPU 1, CPU 0.75, DISK 0.25, as
+Dynamo credits them), and a block on a shared medium (``shared_media``: REMOTE)
+counts for every worker, even one that never stored it. Onboarding is cheaper
+than recomputing but dearer than a device hit, so a device hit beats a host
+hit, which beats a cold worker.
+
 Session affinity: a request with a session id seen within ``session_ttl_s`` goes
 to that session's last worker if it is still eligible and not overloaded
 (`dynamo_gateway.router.session`).
@@ -43,7 +52,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from dynamo_gateway.kv.hashing import sequence_hashes
-from dynamo_gateway.kv.indexer import RadixIndexer
+from dynamo_gateway.kv.indexer import DEFAULT_MEDIUM, RadixIndexer
 from dynamo_gateway.protocol.kv_events import BlockRemoved, BlockStored, KvEvent
 from dynamo_gateway.router.base import NoWorkerError, RouterBase, RouteRequest, WorkerView
 from dynamo_gateway.router.kv_load import LoadTracker
@@ -70,7 +79,7 @@ class WorkerState:
     """Everything one worker's cost depends on, as plain numbers."""
 
     worker_id: str
-    overlap_blocks: int  # leading blocks of the request cached there
+    overlap_blocks: float  # leading blocks of the request cached there (tier-weighted)
     prefill_tokens: float  # prefill work already queued there
     active_blocks: float  # KV blocks its running requests hold
     new_blocks: int  # blocks this request would add to those (not shared with them)
@@ -231,13 +240,14 @@ class KvRouter(RouterBase):
         hashes = sequence_hashes(tokens, self.block_size)
         t1 = time.perf_counter()
         matches = self.indexer.find_matches(hashes) if hashes else {}
+        credits = self._tiered(hashes)
         t2 = time.perf_counter()
         self._last = (request.request_id, hashes, matches)
         chosen = self.sessions.lookup(request.session_id, workers)
         if chosen is not None and not is_overloaded(chosen):
             self._session_hits += 1
         else:
-            states = [self.state_of(w, hashes, len(tokens), matches) for w in workers]
+            states = [self.state_of(w, hashes, len(tokens), matches, credits) for w in workers]
             costs = worker_costs(
                 states,
                 request_tokens=len(tokens),
@@ -273,17 +283,38 @@ class KvRouter(RouterBase):
             matches = self.indexer.find_matches(hashes) if hashes else {}
         return min(matches.get(worker_id, 0), len(hashes))
 
+    def _tiered(self, hashes: Sequence[int]) -> tuple[dict[str, float], float] | None:
+        """Tier-weighted matches, when some worker reports blocks below the device."""
+        if not hashes:
+            return None
+        media = self.indexer.media()
+        if not media or media == [DEFAULT_MEDIUM]:
+            return None
+        settings = self.settings
+        return self.indexer.find_tiered_matches(
+            hashes, settings.tier_weights, shared=settings.shared_media
+        )
+
     def state_of(
-        self, view: WorkerView, hashes: Sequence[int], num_tokens: int, matches: dict[str, int]
+        self,
+        view: WorkerView,
+        hashes: Sequence[int],
+        num_tokens: int,
+        matches: dict[str, int],
+        credits: tuple[dict[str, float], float] | None = None,
     ) -> WorkerState:
         """One worker's cost inputs: tracked load blended with its own report."""
         wid = view.worker_id
         load = view.load
         prefill = max(self.load.prefill_tokens(wid), load.waiting_requests * self._mean_prefill)
         active = max(self.load.active_blocks(wid), load.kv_blocks_used)
+        if credits is None:
+            overlap: float = matches.get(wid, 0)
+        else:
+            overlap = max(credits[0].get(wid, credits[1]), matches.get(wid, 0))
         return WorkerState(
             wid,
-            min(matches.get(wid, 0), len(hashes)),
+            min(overlap, len(hashes)),
             prefill,
             active,
             self.load.new_blocks(wid, hashes, num_tokens),

@@ -47,6 +47,7 @@ from dynamo_gateway.runtime.rpc_server import RequestPlaneServer
 from dynamo_gateway.runtime.status import StatusServer, json_body
 
 if TYPE_CHECKING:
+    from dynamo_gateway.kvbm.manager import TieredCache
     from dynamo_gateway.plugins import Plugins
     from dynamo_gateway.settings import Settings
 
@@ -223,6 +224,9 @@ class Worker:
         agent = getattr(self.engine, "kv_transfer_agent", None)
         if agent is not None:
             registry.register(_TransferCollector(agent, labels))
+        tiers = getattr(self.engine, "kv_tiers", None)
+        if tiers is not None:
+            registry.register(_TierCollector(tiers, labels))
         for name, doc, value in (
             ("active_requests", "Requests running in the engine", load.active_requests),
             ("waiting_requests", "Requests waiting for a batch slot", load.waiting_requests),
@@ -295,6 +299,72 @@ class _TransferCollector(Collector):
         for why, n in stats.released.items():
             exports.add_metric([*values, why], n)
         return [moved, pulls, failed, latency, pinned, exports]
+
+
+class _TierCollector(Collector):
+    """A worker's KV tier counters (`dynamo_gateway.kvbm`), read at scrape time."""
+
+    def __init__(self, tiers: TieredCache, labels: dict[str, str]) -> None:
+        self._tiers = tiers
+        self._labels = labels
+
+    def collect(self) -> Iterable[Metric]:
+        names = [*self._labels, "tier"]
+        prefix = "dynamo_gateway_worker_kv_tier"
+        blocks = CounterMetricFamily(
+            f"{prefix}_blocks",
+            "KV blocks moved, by tier and direction",
+            labels=[*names, "direction"],
+        )
+        moved = CounterMetricFamily(
+            f"{prefix}_bytes", "KV bytes moved, by tier and direction", labels=[*names, "direction"]
+        )
+        seconds = CounterMetricFamily(
+            f"{prefix}_io_seconds", "Time spent in tier reads and writes", labels=[*names, "op"]
+        )
+        ops = CounterMetricFamily(
+            f"{prefix}_io_ops", "Tier reads and writes", labels=[*names, "op"]
+        )
+        looked = CounterMetricFamily(
+            f"{prefix}_lookup_blocks",
+            "Prefix blocks looked for, by outcome",
+            labels=[*names, "outcome"],
+        )
+        problems = CounterMetricFamily(
+            f"{prefix}_problems",
+            "Blocks rejected (checksum, truncation, stale), failed operations, dropped writes",
+            labels=[*names, "kind"],
+        )
+        held = GaugeMetricFamily(f"{prefix}_held_blocks", "Blocks a tier holds", labels=names)
+        capacity = GaugeMetricFamily(
+            f"{prefix}_capacity_blocks",
+            "Blocks a tier holds at most (0: store-managed)",
+            labels=names,
+        )
+        hit_rate = GaugeMetricFamily(
+            f"{prefix}_hit_rate", "Share of looked-for blocks a tier held", labels=names
+        )
+        values = list(self._labels.values())
+        for tier in self._tiers.tiers:
+            s = self._tiers.stats[tier.name]
+            v = [*values, tier.name]
+            blocks.add_metric([*v, "offloaded"], s.offloaded_blocks)
+            blocks.add_metric([*v, "onboarded"], s.onboarded_blocks)
+            moved.add_metric([*v, "offloaded"], s.offloaded_bytes)
+            moved.add_metric([*v, "onboarded"], s.onboarded_bytes)
+            seconds.add_metric([*v, "read"], s.read_seconds)
+            seconds.add_metric([*v, "write"], s.write_seconds)
+            ops.add_metric([*v, "read"], s.reads)
+            ops.add_metric([*v, "write"], s.writes)
+            looked.add_metric([*v, "hit"], s.hit_blocks)
+            looked.add_metric([*v, "miss"], s.miss_blocks)
+            problems.add_metric([*v, "rejected"], s.rejected_blocks)
+            problems.add_metric([*v, "error"], s.errors)
+            problems.add_metric([*v, "dropped_write"], s.dropped_writes)
+            held.add_metric(v, len(tier) if not tier.shared else 0)
+            capacity.add_metric(v, tier.capacity_blocks or 0)
+            hit_rate.add_metric(v, s.hit_rate)
+        return [blocks, moved, seconds, ops, looked, problems, held, capacity, hit_rate]
 
 
 async def run_worker(

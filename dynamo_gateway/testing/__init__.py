@@ -16,6 +16,8 @@ dynamo-gateway installed gets its options, markers and fixtures without a
   the binary unless ``DYNAMO_GATEWAY_REQUIRE_SERVERS=1``).
 - ``nats_server``: a real nats-server on a free loopback port (a `NatsServer`; skips
   without the binary unless ``DYNAMO_GATEWAY_REQUIRE_SERVERS=1``).
+- ``redis_server``: a real redis-server on a free loopback port (a `RedisServer`;
+  skips without the binary unless ``DYNAMO_GATEWAY_REQUIRE_SERVERS=1``).
 
 and, as plain imports from this package:
 
@@ -38,6 +40,7 @@ from __future__ import annotations
 from dynamo_gateway.servers.etcd import EtcdServer
 from dynamo_gateway.servers.nats import NatsServer
 from dynamo_gateway.servers.ports import free_port
+from dynamo_gateway.servers.redis import RedisServer
 from dynamo_gateway.testing.cluster import (
     Cluster,
     ClusterProcess,
@@ -58,6 +61,7 @@ from dynamo_gateway.testing.fixtures import (
     gateway_server,
     nats_server,
     real_model,
+    redis_server,
 )
 from dynamo_gateway.testing.markers import (
     ENGINE_MARKERS,
@@ -78,6 +82,7 @@ __all__ = [
     "EtcdServer",
     "GatewayProcess",
     "NatsServer",
+    "RedisServer",
     "cluster",
     "collect",
     "demo_model",
@@ -92,6 +97,7 @@ __all__ = [
     "pytest_runtest_setup",
     "read_metric",
     "real_model",
+    "redis_server",
     "start_gateway",
     "tokens_of",
     "wait_ready",

@@ -12,6 +12,7 @@ import pytest
 
 from dynamo_gateway.servers.etcd import EtcdServer, find_etcd
 from dynamo_gateway.servers.nats import NatsServer, find_nats_server
+from dynamo_gateway.servers.redis import RedisServer, find_redis_server
 from dynamo_gateway.testing.cluster import Cluster, GatewayProcess, start_gateway
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "gateway_server",
     "nats_server",
     "real_model",
+    "redis_server",
 ]
 
 REAL_MODEL = "smollm2-135m-instruct"
@@ -125,4 +127,12 @@ def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
     """A started `NatsServer` in ``tmp_path``, stopped after the test."""
     _need_binary(find_nats_server(), "needs the nats-server binary (apt install nats-server)")
     with NatsServer(tmp_path / "nats") as server:
+        yield server
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A started `RedisServer` in ``tmp_path`` (no persistence), stopped after the test."""
+    _need_binary(find_redis_server(), "needs the redis-server binary (apt install redis-server)")
+    with RedisServer(tmp_path / "redis") as server:
         yield server

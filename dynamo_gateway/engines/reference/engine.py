@@ -45,6 +45,7 @@ from dynamo_gateway.engines.scheduled import ScheduledEngine, WaitingSeq
 from dynamo_gateway.engines.scheduler import Scheduler, SeqStatus, StepPlan
 from dynamo_gateway.errors import ConfigError, EngineError
 from dynamo_gateway.kv.block_manager import BlockManager
+from dynamo_gateway.kvbm.build import build_tiered_cache
 from dynamo_gateway.protocol.engine import (
     EngineRequest,
     FinishReason,
@@ -170,6 +171,7 @@ class ReferenceEngine(ScheduledEngine):
             max_num_batched_tokens=sched.max_num_batched_tokens,
             max_model_len=max_len,
         )
+        self._start_tiers(rt, _layout_of(rt.model, self._block_size))
         if agent is not None:
             try:
                 await self._start_agent(agent, KvMemory(agent.layout, rt.cache.host_bytes()))
@@ -188,6 +190,57 @@ class ReferenceEngine(ScheduledEngine):
             self._block_size,
             f", KV transports {agent.transports}" if agent is not None else "",
         )
+
+    def _start_tiers(self, rt: _Runtime, layout: KvLayout) -> None:
+        """The KV tiers ``[kvbm]`` asks for, hooked to the block pool."""
+        settings = self._context.settings
+        if not settings.kvbm.enabled:
+            return
+        registry = self._context.registry
+        if registry is None:
+            from dynamo_gateway.plugins import load_plugins
+
+            registry = load_plugins(only=settings.plugins).registry
+        tiers = build_tiered_cache(
+            settings,
+            registry,
+            worker_id=self._worker_id,
+            model=self._context.model.served_name,
+            layout=layout,
+        )
+        if tiers is not None:
+            self._attach_tiers(tiers, rt.blocks)
+            log.info(
+                "reference engine %s: KV tiers %s",
+                self._worker_id,
+                ", ".join(
+                    f"{t.name} ({t.capacity_blocks or 'store-managed'} blocks)" for t in tiers.tiers
+                ),
+            )
+
+    def _read_block(self, block_id: int) -> memoryview:
+        rt = self._rt
+        assert rt is not None
+        block = rt.cache.kv[:, :, block_id]
+        if block.device.type != "cpu":
+            block = block.to("cpu")
+        data: np.ndarray[Any, np.dtype[np.uint8]] = (
+            block.contiguous().view(torch.uint8).reshape(-1).numpy()
+        )
+        return memoryview(data.data)
+
+    def _write_block(self, block_id: int, payload: memoryview) -> None:
+        rt = self._rt
+        assert rt is not None
+        cache = rt.cache
+        planes = cache.num_layers * 2
+        src = np.frombuffer(payload, dtype=np.uint8).reshape(planes, -1)
+        if cache.device.type == "cpu":
+            cache.host_bytes()[:, block_id, :] = src
+            return
+        shape = cache.kv[:, :, block_id].shape
+        host = torch.from_numpy(src.copy()).view(cache.dtype).view(shape)
+        cache.kv[:, :, block_id].copy_(host.to(cache.device, non_blocking=False))
 
     def _load_model(self) -> tuple[ReferenceModel, int]:
         """Runs in the worker thread: load the model and size its KV cache."""
@@ -235,6 +288,9 @@ class ReferenceEngine(ScheduledEngine):
             # thread was not): wait for it before the cache goes away.
             await asyncio.get_running_loop().run_in_executor(None, executor.shutdown, True)
         await self._close_agent()
+        tiers, self._tiers = self._tiers, None
+        if tiers is not None:
+            await asyncio.get_running_loop().run_in_executor(None, tiers.close)
         rt, self._rt = self._rt, None
         if rt is not None:
             rt.blocks.clear()
@@ -289,6 +345,7 @@ class ReferenceEngine(ScheduledEngine):
                 self._apply(plan, results)
                 self._num_steps += 1
                 self._events.publish(sched.drain_events())
+                self._publish_tier_events()
         except asyncio.CancelledError:
             raise
         except Exception as exc:

@@ -1,0 +1,1 @@
+"""The built-in cache tiers: `host` (RAM), `disk` (block files), `redis` (shared)."""
