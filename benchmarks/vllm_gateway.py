@@ -100,6 +100,25 @@ def _pick(data: dict[str, Any], *path: str) -> float:
     return float(node)
 
 
+FIGURES = {
+    "output tok/s": ("output_tok_per_s",),
+    "req/s": ("req_per_s",),
+    "TTFT p50 ms": ("ttft_ms", "p50"),
+    "TTFT p99 ms": ("ttft_ms", "p99"),
+    "ITL p50 ms": ("itl_ms", "p50"),
+    "ITL p99 ms": ("itl_ms", "p99"),
+}
+
+
+def compare(vllm: dict[str, Any], gateway: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Each figure of both runs and gateway / vLLM."""
+    out: dict[str, dict[str, float]] = {}
+    for name, path in FIGURES.items():
+        a, b = _pick(vllm, *path), _pick(gateway, *path)
+        out[name] = {"vllm": a, "gateway": b, "ratio": b / a if a else float("nan")}
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", type=Path, required=True)
@@ -110,9 +129,19 @@ def main() -> int:
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="dgw-vllm-bench-") as tmp:
-        results = {kind: run(kind, args, Path(tmp)) for kind in ("vllm", "gateway")}
-    report = {"config": vars(args) | {"model": str(args.model)}, "results": results}
-    print(json.dumps(report["results"], indent=1)[:4000])
+        results: dict[str, dict[str, Any]] = {}
+        for kind in ("vllm", "gateway"):
+            print(f"{kind}: starting the server, then {args.requests} requests", flush=True)
+            results[kind] = run(kind, args, Path(tmp))
+    summary = compare(results["vllm"], results["gateway"])
+    report = {
+        "config": vars(args) | {"model": str(args.model)},
+        "summary": summary,
+        "results": results,
+    }
+    print(f"{'figure':<22}{'vllm serve':>12}{'gateway':>12}{'ratio':>8}")
+    for name, row in summary.items():
+        print(f"{name:<22}{row['vllm']:>12.1f}{row['gateway']:>12.1f}{row['ratio']:>8.2f}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=1, default=str))
