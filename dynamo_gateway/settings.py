@@ -89,6 +89,15 @@ class MockerSettings(BaseModel):
     kv_transfer_gbps: float = Field(
         25.0, gt=0, description="simulated KV transfer bandwidth, GB/s (200 Gb/s RDMA)"
     )
+    # KV tiers ([kvbm]) are simulated: capacities from [kvbm], these read speeds.
+    host_tier_gbps: float = Field(20.0, gt=0, description="simulated host->device GB/s (PCIe 4)")
+    disk_tier_gbps: float = Field(5.0, gt=0, description="simulated NVMe read GB/s")
+    disk_tier_latency_ms: float = Field(0.1, ge=0, description="simulated per-block disk read")
+    remote_tier_gbps: float = Field(
+        1.25, gt=0, description="simulated shared-store GB/s (10 Gb/s network)"
+    )
+    remote_tier_latency_ms: float = Field(0.5, ge=0, description="simulated per-block store read")
+    remote_tier_gb: float = Field(64.0, gt=0, description="simulated shared-store capacity, GiB")
 
 
 class DisaggSettings(BaseModel):

@@ -112,6 +112,10 @@ class ReplayConfig:
     #: KV capacity per worker in blocks; None: `DYNAMO_MOCKER_KV_TOKENS` worth.
     num_kv_blocks: int | None = None
     seed: int = 0
+    #: ``[kvbm]`` settings (KV tiers; simulated on the mocker), e.g. {"host_cache_gb": 8}.
+    kvbm: dict[str, Any] = field(default_factory=dict)
+    #: ``[kv_router]`` overrides, e.g. {"tier_weights": {"GPU": 1.0}} (tier-blind).
+    kv_router: dict[str, Any] = field(default_factory=dict)
     #: Mocker timing: "dynamo" (`DYNAMO_TIMING`, scaled to the block size) or
     #: "settings" (the `MockerSettings` from defaults, environment and config file).
     timing: str = "dynamo"
@@ -323,6 +327,8 @@ def _settings(config: ReplayConfig, model: Path, requests: Sequence[TraceRequest
         "max_model_len": max_len,
         "log_level": "warning",
         "mocker": {"speedup": config.speedup},
+        "kvbm": config.kvbm,
+        "kv_router": config.kv_router,
         "frontend": {"max_inflight": 1 << 20, "max_body_bytes": 64 * 1024 * 1024},
     }
     settings = load_settings(**overrides, cache=cache) if cache else load_settings(**overrides)

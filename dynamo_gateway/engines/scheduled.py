@@ -437,6 +437,11 @@ class ScheduledEngine(EngineBase):
         """Write one block's bytes into a device block (runs on the tiers' reader thread)."""
         raise NotImplementedError
 
+    async def _onboard_delay(
+        self, tiers: TieredCache, plan: OnboardPlan, first: int, landed: int
+    ) -> None:
+        """Engines that simulate time (the mocker) wait here for the blocks to arrive."""
+
     def _publish_tier_events(self) -> None:
         tiers = self._tiers
         if tiers is not None and self._sched is not None:
@@ -484,6 +489,7 @@ class ScheduledEngine(EngineBase):
                 landed = await loop.run_in_executor(
                     tiers.reader, tiers.onboard, plan, first, end, write
                 )
+                await self._onboard_delay(tiers, plan, first, landed)
         except Exception:
             log.exception("request %s: onboarding KV blocks failed; recomputing", seq.seq_id)
             landed = 0

@@ -13,9 +13,10 @@ What the engine calls, on its event loop:
   tier holds each block that follows a prompt's device-cached prefix, nearest
   tier first, the remote store asked once for the rest (an `OnboardPlan`).
 * `onboard` (reader thread): fetch the planned blocks and hand each to the
-  engine's ``write(block index, payload)``, stopping at the first one missing
-  or unusable (checksum, truncation, another model's block): the request
-  recomputes from there, so a bad block is never used.
+  engine's ``write(block index, payload)``; a block gone from its planned tier
+  since the lookup is looked for in the others. It stops at the first block no
+  tier can give intact (missing, checksum, truncation, another model's block):
+  the request recomputes from there, so a bad block is never used.
 * `drain_events`: `BlockStored`/`BlockRemoved` with each tier's medium, for the
   engine's KV event stream (`notify` tells the engine there are some, from any
   thread). `snapshot` lists every block the tiers hold, for a full dump.
@@ -302,10 +303,24 @@ class TieredCache:
             else:
                 payload = self.fetch(name, h)
             if payload is None:
+                # Gone since the lookup (this request's own admission pushes blocks
+                # down and out of small tiers): another tier may still have it.
+                payload = self._fetch_elsewhere(h, name)
+            if payload is None:
                 break
             write(i, payload)
             n += 1
         return n
+
+    def _fetch_elsewhere(self, block_hash: int, tried: str) -> memoryview | None:
+        for tier in self.tiers:
+            if tier.name == tried:
+                continue
+            if tier.shared or tier.contains((block_hash,)):
+                payload = self.fetch(tier.name, block_hash)
+                if payload is not None:
+                    return payload
+        return None
 
     def _local_holder(self, block_hash: int) -> str | None:
         for name in self.chain.local:

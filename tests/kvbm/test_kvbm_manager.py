@@ -147,3 +147,25 @@ def test_shared_tier_write_through_and_outage(redis_server: RedisServer) -> None
     assert b.stats["redis"].errors >= 1 and a.stats["redis"].errors >= 1
     a.close()
     b.close()
+
+
+def test_a_block_gone_from_its_planned_tier_comes_from_another(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """A small disk tier loses a planned block to this request's own evictions: the
+    shared store, which got it written through, still serves it."""
+    cache = make([DiskTier(context(), tmp_path, 8), RedisTier(context(), redis_server.url)])
+    for h in (1, 2, 3):
+        targets = cache.device_targets(h, evicted=False)
+        assert targets == ["redis"]
+        cache.offload(h, (None, ()), block(h), targets)
+        cache.offload(h, (None, ()), block(h), ["disk"])
+    assert cache.flush()
+    plan = cache.lookup([1, 2, 3], 0)
+    assert plan is not None and plan.tiers == ("disk", "disk", "disk")
+    cache.tier("disk").discard(2)
+    written: dict[int, bytes] = {}
+    assert cache.onboard(plan, 0, 3, lambda i, p: written.__setitem__(i, bytes(p))) == 3
+    assert written[1] == bytes(block(2))
+    assert cache.stats["redis"].onboarded_blocks == 1
+    cache.close()

@@ -8,6 +8,12 @@ divided by ``speedup``. Output is
 readable words from the model's tokenizer (`text.py`). It exists for testing
 and scale experiments: hundreds of engines can share one event loop.
 
+KV tiers (``[kvbm]``) are simulated (`dynamo_gateway.kvbm.tiers.sim`): the
+capacities ``[kvbm]`` gives, the read speeds of ``[mocker]`` (``host_tier_gbps``,
+``disk_tier_gbps``, ``remote_tier_gbps`` and per-block latencies) charged as
+simulated onboarding time; writes cost nothing (they are asynchronous in a real
+engine). A shared tier is shared by the mocker workers of one process.
+
 Generation ends at ``max_tokens`` or at the context window (both
 `FinishReason.LENGTH`); the mocker never emits EOS, so ``ignore_eos``,
 ``min_tokens`` and ``stop_token_ids`` are accepted and have nothing to do.
@@ -27,6 +33,12 @@ from dynamo_gateway.engines.scheduled import ScheduledEngine, WaitingSeq
 from dynamo_gateway.engines.scheduler import Scheduler, SeqStatus, StepPlan
 from dynamo_gateway.errors import EngineError
 from dynamo_gateway.kv.block_manager import BlockManager
+from dynamo_gateway.kvbm.build import tier_names
+from dynamo_gateway.kvbm.manager import OnboardPlan, TieredCache
+from dynamo_gateway.kvbm.policy import parse_offload_policy
+from dynamo_gateway.kvbm.record import namespace_of
+from dynamo_gateway.kvbm.tier import CacheTier
+from dynamo_gateway.kvbm.tiers.sim import SimTier
 from dynamo_gateway.protocol.engine import EngineRequest
 
 __all__ = ["MockerEngine"]
@@ -46,6 +58,8 @@ _MAX_BURST_S = 2e-3
 DEFAULT_KV_BLOCKS = 16384
 
 _RUNNING = SeqStatus.RUNNING
+_NO_BYTES = memoryview(b"")
+GIB = 1 << 30
 
 
 class _Request(WaitingSeq):
@@ -89,6 +103,7 @@ class MockerEngine(ScheduledEngine):
         )
         self._words: WordSource | None = None
         self._clock = 0.0  # loop time at which the simulated step in flight ends
+        self._block_bytes = 0  # simulated bytes of one KV block (set with tiers)
 
     @property
     def block_manager(self) -> BlockManager:
@@ -132,12 +147,75 @@ class MockerEngine(ScheduledEngine):
                 self._failure = exc
                 await agent.aclose()
                 raise
+        self._start_tiers(layout)
         self._start_loop()
+
+    def _start_tiers(self, layout: KvLayout) -> None:
+        """Simulated KV tiers for what ``[kvbm]`` names (`dynamo_gateway.kvbm.tiers.sim`)."""
+        settings = self._context.settings
+        kvbm, mocker = settings.kvbm, settings.mocker
+        if not kvbm.enabled:
+            return
+        per_block = layout.block_bytes
+        tiers: list[CacheTier] = []
+        if kvbm.host_cache_gb:
+            blocks = max(1, int(kvbm.host_cache_gb * GIB) // per_block)
+            tiers.append(SimTier("host", "CPU", blocks, gbps=mocker.host_tier_gbps))
+        if kvbm.disk_cache_dir is not None:
+            blocks = max(1, int(kvbm.disk_cache_gb * GIB) // per_block)
+            latency = mocker.disk_tier_latency_ms / 1000
+            tiers.append(
+                SimTier("disk", "DISK", blocks, gbps=mocker.disk_tier_gbps, latency_s=latency)
+            )
+        if kvbm.remote_url:
+            name = tier_names(settings)[-1]
+            namespace = namespace_of(self._context.model.served_name, layout)
+            tiers.append(
+                SimTier(
+                    name,
+                    "REMOTE",
+                    max(1, int(mocker.remote_tier_gb * GIB) // per_block),
+                    gbps=mocker.remote_tier_gbps,
+                    latency_s=mocker.remote_tier_latency_ms / 1000,
+                    shared_key=(kvbm.remote_url, namespace),
+                )
+            )
+        cache = TieredCache(
+            tiers,
+            parse_offload_policy(kvbm.offload_policy),
+            block_size=self._block_size,
+            max_pending_writes=kvbm.max_pending_writes,
+        )
+        self._block_bytes = per_block
+        self._attach_tiers(cache, self._blocks)
+
+    def _read_block(self, block_id: int) -> memoryview:
+        return _NO_BYTES  # simulated KV has no bytes
+
+    def _write_block(self, block_id: int, payload: memoryview) -> None:
+        pass
+
+    async def _onboard_delay(
+        self, tiers: TieredCache, plan: OnboardPlan, first: int, landed: int
+    ) -> None:
+        seconds = 0.0
+        local = tiers.chain.local[0] if tiers.chain.local else None
+        for i in range(first, first + landed):
+            j = i - plan.start
+            name = plan.tiers[j] if 0 <= j < len(plan.tiers) else local
+            tier = tiers.tier(name) if name is not None else None
+            if isinstance(tier, SimTier):
+                seconds += tier.onboard_seconds(1, self._block_bytes)
+        if seconds > 0:
+            await asyncio.sleep(seconds / self._context.settings.mocker.speedup)
 
     async def aclose(self) -> None:
         if not await self._stop_loop():
             return
         await self._close_agent()
+        tiers, self._tiers = self._tiers, None
+        if tiers is not None:
+            tiers.close()
         self._blocks.clear()
         self._events.publish(self._blocks.drain_events())
 

@@ -39,7 +39,8 @@ class RedisTier:
         url: str,
         *,
         ttl_s: float | None = None,
-        timeout_s: float = 1.0,
+        connect_timeout_s: float = 1.0,
+        timeout_s: float = 10.0,
         retry_s: float = 2.0,
     ) -> None:
         try:
@@ -47,8 +48,11 @@ class RedisTier:
         except ImportError as exc:  # pragma: no cover - redis is a core dependency
             raise TierError("the redis tier needs the redis package: pip install redis") from exc
         self._errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
+        # A refused connection fails at once; the connect timeout bounds a host that
+        # does not answer; the socket timeout is generous, as a large GET of many
+        # blocks on a loaded machine can take a while and is not an outage.
         self._client = redis.Redis.from_url(
-            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
+            url, socket_timeout=timeout_s, socket_connect_timeout=connect_timeout_s
         )
         self._prefix = f"dgw:kv:{context.namespace:016x}:"
         self._namespace = context.namespace

