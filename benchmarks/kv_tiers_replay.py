@@ -62,10 +62,12 @@ def run(name: str, args: argparse.Namespace) -> dict[str, Any]:
         "ttft_p99": s["ttft_ms"]["p99"],
         "ttft_mean": s["ttft_ms"]["mean"],
         "output_tok_per_s": s["output_tok_per_s"],
+        "dispatch_lag_p99": s["dispatch_lag_ms"]["p99"],
     }
     print(
         f"  {name:<18} hit {row['hit_rate']:.1%}  TTFT p50 {row['ttft_p50']:.0f} ms  "
-        f"p99 {row['ttft_p99']:.0f} ms  errors {row['errors']}",
+        f"p99 {row['ttft_p99']:.0f} ms  dispatch lag p99 {row['dispatch_lag_p99']:.0f} ms  "
+        f"errors {row['errors']}",
         flush=True,
     )
     return row
@@ -75,11 +77,11 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--trace", type=Path, default=Path("../shared/traces/conversation_trace.jsonl"))
     p.add_argument("--workers", type=int, default=4)
-    p.add_argument("--limit", type=int, default=1000)
+    p.add_argument("--limit", type=int, default=300)
     p.add_argument("--speedup", type=float, default=4.0)
     p.add_argument("--arrival-speedup", type=float, default=1.0)
-    p.add_argument("--device-tokens", type=int, default=32768)
-    p.add_argument("--host-gb", type=float, default=40.0)
+    p.add_argument("--device-tokens", type=int, default=131072)
+    p.add_argument("--host-gb", type=float, default=160.0)
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     print(

@@ -442,6 +442,12 @@ class ScheduledEngine(EngineBase):
     ) -> None:
         """Engines that simulate time (the mocker) wait here for the blocks to arrive."""
 
+    def _publish_step_events(self) -> None:
+        """After a step: the block pool's KV events, then the tiers' (same worker ids)."""
+        if self._sched is not None:
+            self._events.publish(self._sched.drain_events())
+        self._publish_tier_events()
+
     def _publish_tier_events(self) -> None:
         tiers = self._tiers
         if tiers is not None and self._sched is not None:

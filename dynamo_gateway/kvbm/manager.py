@@ -100,6 +100,10 @@ class TieredCache:
         self.block_size = block_size
         self.stats: dict[str, TierStats] = {t.name: TierStats() for t in tiers}
         self.notify = notify
+        # The engine's thread (the one that builds this) publishes after every step
+        # anyway: only events from the I/O threads need a wake-up.
+        self._owner = threading.get_ident()
+        self._wake_pending = False
         self._uses = UseCounter()
         self._count_uses = any(p.min_uses > 1 for p in policies.values())
         self._lock = threading.Lock()
@@ -360,17 +364,33 @@ class TieredCache:
     # -- events -----------------------------------------------------------------------
 
     def _emit(self, event: KvEventData) -> None:
-        self._events.append(event)
+        self._events.append(event)  # before the flag test: see drain_events
         notify = self.notify
-        if notify is not None:
+        if notify is None or threading.get_ident() == self._owner:
+            return  # the engine's own thread publishes after each step anyway
+        if not self._wake_pending:  # one wake-up per batch: a drain takes them all
+            self._wake_pending = True
             notify()
 
     def drain_events(self) -> list[KvEventData]:
-        """Tier events since the last drain, oldest first (any thread)."""
-        out = []
+        """Tier events since the last drain, oldest first (any thread); removals of
+        one medium that follow each other come as one `BlockRemoved`."""
+        self._wake_pending = False  # before popping: a later event wakes the engine again
+        out: list[KvEventData] = []
         events = self._events
         while events:
-            out.append(events.popleft())
+            event = events.popleft()
+            last = out[-1] if out else None
+            if (
+                isinstance(event, BlockRemoved)
+                and isinstance(last, BlockRemoved)
+                and last.medium == event.medium
+            ):
+                out[-1] = BlockRemoved(
+                    block_hashes=[*last.block_hashes, *event.block_hashes], medium=event.medium
+                )
+            else:
+                out.append(event)
         return out
 
     def snapshot(self) -> list[BlockStored]:

@@ -241,7 +241,6 @@ class MockerEngine(ScheduledEngine):
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
-        sched = self.scheduler
         self._clock = loop.time()
         yielded_at = self._clock
         try:
@@ -267,7 +266,7 @@ class MockerEngine(ScheduledEngine):
                 # separate engine process) instead of slowing the engine down.
                 self._complete(plan)
                 self._num_steps += 1
-                self._events.publish(sched.drain_events())
+                self._publish_step_events()
         except asyncio.CancelledError:
             raise
         except Exception as exc:

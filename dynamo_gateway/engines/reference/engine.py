@@ -344,8 +344,7 @@ class ReferenceEngine(ScheduledEngine):
                 results = await loop.run_in_executor(executor, self._compute, inputs, samplers)
                 self._apply(plan, results)
                 self._num_steps += 1
-                self._events.publish(sched.drain_events())
-                self._publish_tier_events()
+                self._publish_step_events()
         except asyncio.CancelledError:
             raise
         except Exception as exc:
