@@ -216,16 +216,7 @@ class TieredCache:
         stats.writes += 1
         stats.offloaded_blocks += 1
         stats.offloaded_bytes += payload.nbytes
-        parent, tokens = self._meta_of(block_hash)
-        self._emit(
-            BlockStored(
-                block_hashes=[block_hash],
-                parent_block_hash=parent,
-                token_ids=list(tokens),
-                block_size=self.block_size,
-                medium=tier.medium,
-            )
-        )
+        self._emit(self._stored_event(block_hash, tier.medium))
         if tier.shared:
             with self._lock:
                 forgotten = self._shared_held.add(block_hash)
@@ -242,6 +233,16 @@ class TieredCache:
             name, evicted=False, uses=self._uses_of(block_hash)
         ):
             self._submit(target, block_hash, payload)
+
+    def _stored_event(self, block_hash: int, medium: str) -> BlockStored:
+        parent, tokens = self._meta_of(block_hash)
+        return BlockStored(
+            block_hashes=[block_hash],
+            parent_block_hash=parent,
+            token_ids=list(tokens),
+            block_size=self.block_size,
+            medium=medium,
+        )
 
     def _meta_of(self, block_hash: int) -> BlockMeta:
         with self._lock:
@@ -395,24 +396,14 @@ class TieredCache:
 
     def snapshot(self) -> list[BlockStored]:
         """Every block the tiers hold now (the shared tier: what this worker wrote)."""
-        out = []
+        out: list[BlockStored] = []
         for tier in self.tiers:
             if tier.shared:
                 with self._lock:
                     held = self._shared_held.order()
             else:
                 held = tier.held()
-            for h in held:
-                parent, tokens = self._meta_of(h)
-                out.append(
-                    BlockStored(
-                        block_hashes=[h],
-                        parent_block_hash=parent,
-                        token_ids=list(tokens),
-                        block_size=self.block_size,
-                        medium=tier.medium,
-                    )
-                )
+            out.extend(self._stored_event(h, tier.medium) for h in held)
         return out
 
     # -- shutdown ---------------------------------------------------------------------

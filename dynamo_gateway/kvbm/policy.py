@@ -168,6 +168,15 @@ class LruIndex:
         """Held blocks, the next to be evicted first."""
         return list(self._order)
 
+    def leading_run(self, block_hashes: Sequence[int]) -> int:
+        """How many leading `block_hashes` are held."""
+        n = 0
+        for h in block_hashes:
+            if h not in self._order:
+                break
+            n += 1
+        return n
+
     def touch(self, block_hash: int) -> bool:
         """Mark a held block as just used; False if it is not held."""
         if block_hash not in self._order:

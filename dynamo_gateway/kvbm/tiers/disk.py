@@ -119,12 +119,7 @@ class DiskTier:
 
     def contains(self, block_hashes: Sequence[int]) -> int:
         with self._lock:
-            n = 0
-            for h in block_hashes:
-                if h not in self._index:
-                    break
-                n += 1
-            return n
+            return self._index.leading_run(block_hashes)
 
     def _forget(self, block_hash: int) -> None:
         with self._lock:

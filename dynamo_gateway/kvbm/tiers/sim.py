@@ -71,12 +71,7 @@ class SimTier:
 
     def contains(self, block_hashes: Sequence[int]) -> int:
         with self._lock:
-            n = 0
-            for h in block_hashes:
-                if h not in self._index:
-                    break
-                n += 1
-            return n
+            return self._index.leading_run(block_hashes)
 
     def discard(self, block_hash: int) -> None:
         with self._lock:
