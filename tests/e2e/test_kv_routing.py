@@ -33,10 +33,16 @@ def _cached(response: dict[str, Any]) -> int:
 
 
 def _wait_for_kv_events(url: str, timeout: float = 10.0) -> None:
+    """Until the router has indexed the whole shared prefix (not just a first event:
+    a prefill's blocks may arrive in several, and a loaded machine delays them)."""
     deadline = time.monotonic() + timeout
-    while read_metric(url, "dynamo_gateway_kv_events_total", model="demo") <= 0:
+    blocks = len(PREFIX) // 16
+    while (
+        read_metric(url, "dynamo_gateway_kv_events_total", model="demo") <= 0
+        or read_metric(url, "dynamo_gateway_router_indexer_blocks", model="demo") < blocks
+    ):
         if time.monotonic() > deadline:
-            raise TimeoutError("no KV event reached the router")
+            raise TimeoutError("the shared prefix never reached the router's index")
         time.sleep(0.05)
 
 
