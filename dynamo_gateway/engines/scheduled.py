@@ -360,9 +360,9 @@ class ScheduledEngine(EngineBase):
 
     def _import_dropped(self, seq: Seq) -> None:
         """A decode leg ended before pulling: let the prefill worker free its blocks now."""
-        if self._agent is not None and seq.import_params is not None:
+        if self._agent is not None and isinstance(seq.import_params, PrefillDone):
             self._agent.release_later(seq.import_params)
-            seq.import_params = None
+        seq.import_params = None  # (an `OnboardPlan` holds nothing to release)
 
     def _start_pulls(self, plan: StepPlan) -> None:
         for seq in plan.imports:
