@@ -125,6 +125,49 @@ def _parser() -> argparse.ArgumentParser:
     frontend.add_argument("--max-model-len", type=int, help="context window (default: workers')")
     frontend.set_defaults(func=_cmd_frontend)
 
+    planner = sub.add_parser(
+        "planner", help="scale worker pools up and down with the load (docs/planner.md)"
+    )
+    planner.add_argument("--config", type=Path, help="planner TOML file (several models, budget)")
+    planner.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    _add_runtime_args(planner)
+    planner.add_argument("--connector", help="where workers run: local (default), ray, kubernetes")
+    planner.add_argument("--policy", help="load (default) or sla")
+    planner.add_argument("--engine", help="engine of the workers it starts (default reference)")
+    planner.add_argument("--model", type=Path, help="model directory (one model; more: --config)")
+    planner.add_argument("--served-model-name", help="name clients use (default: directory name)")
+    planner.add_argument(
+        "--role", choices=["aggregated", "prefill", "decode"], help="pool role (default aggregated)"
+    )
+    planner.add_argument("--min-workers", type=int, help="workers the pool keeps at least (1)")
+    planner.add_argument("--max-workers", type=int, help="workers the pool gets at most (4)")
+    planner.add_argument("--budget", type=int, help="workers across all models")
+    planner.add_argument("--interval", type=float, help="seconds between decisions (5)")
+    planner.add_argument(
+        "--cooldown", type=float, help="seconds a pool is not shrunk after a change"
+    )
+    planner.add_argument("--ttft-ms", type=float, help="TTFT target (sla policy, attainment)")
+    planner.add_argument("--itl-ms", type=float, help="ITL target (sla policy, attainment)")
+    planner.add_argument("--profile", type=Path, help="sla policy: `dynamo-gateway profile` output")
+    planner.add_argument(
+        "--frontend",
+        action="append",
+        dest="frontends",
+        help="frontend URL whose /metrics give request rate and latency (repeatable)",
+    )
+    planner.add_argument("--metrics-port", type=int, help="serve the planner's /metrics here")
+    planner.add_argument("--log-dir", type=Path, help="local connector: worker logs")
+    planner.add_argument(
+        "--dry-run",
+        action="store_true",
+        default=None,
+        help="decide and log only",
+    )
+    planner.add_argument(
+        "--keep-workers", action="store_true", help="leave the workers running when it exits"
+    )
+    planner.set_defaults(func=_cmd_planner)
+
     plugins = sub.add_parser("plugins", help="list loaded plugins and what they provide")
     plugins.add_argument("--json", action="store_true", help="machine-readable output")
     plugins.set_defaults(func=_cmd_plugins)
@@ -439,6 +482,94 @@ def _cmd_frontend(args: argparse.Namespace) -> int:
         )
 
     run_async(serve_frontend(settings, ready=ready))
+    return 0
+
+
+def _planner_config(args: argparse.Namespace) -> Any:
+    from dynamo_gateway.planner.config import load_config
+
+    overrides: dict[str, Any] = {
+        "discovery": args.discovery,
+        "events": args.events,
+        "connector": args.connector,
+        "policy": args.policy,
+        "budget": args.budget,
+        "interval_s": args.interval,
+        "cooldown_s": args.cooldown,
+        "frontends": args.frontends,
+        "log_dir": args.log_dir,
+        "dry_run": args.dry_run,
+    }
+    if args.model is not None:
+        role = args.role or "aggregated"
+        limits = {"min": 1 if role != "prefill" else 0, "max": 4}
+        if args.min_workers is not None:
+            limits["min"] = args.min_workers
+        if args.max_workers is not None:
+            limits["max"] = args.max_workers
+        model: dict[str, Any] = {
+            "name": args.served_model_name or args.model.name,
+            "path": args.model,
+            "engine": args.engine or "reference",
+            "pools": {role: limits},
+            "worker_args": list(args.engine_args or []),
+        }
+        for key, value in (("ttft_ms", args.ttft_ms), ("itl_ms", args.itl_ms)):
+            if value is not None:
+                model[key] = value
+        if args.profile is not None:
+            model["profile"] = args.profile
+        overrides["models"] = [model]
+    elif any(
+        v is not None
+        for v in (args.engine, args.served_model_name, args.role, args.min_workers,
+                  args.max_workers, args.ttft_ms, args.itl_ms, args.profile)
+    ):  # fmt: skip
+        raise ConfigError("--engine, --min-workers and the other pool flags need --model")
+    return load_config(args.config, **overrides)
+
+
+def _cmd_planner(args: argparse.Namespace) -> int:
+    import asyncio
+    import signal
+
+    from dynamo_gateway.planner.loop import connect_planner
+    from dynamo_gateway.plugins import load_plugins
+    from dynamo_gateway.server import run_async
+
+    config = _planner_config(args)
+    _setup_logging(args.log_level or "info")
+    registry = load_plugins().registry
+    policy = registry.planner_policies.get(config.policy)(config)
+    connector = registry.planner_connectors.get(config.connector)(config)
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        planner = await connect_planner(config, registry, policy, connector)
+        try:
+            await planner.start(metrics_port=args.metrics_port)
+            pools = ", ".join(
+                f"{key}[{config.limits(key).min}-{config.limits(key).max}]"
+                for m in config.models
+                for key in m.pool_keys()
+            )
+            print(
+                f"dynamo-gateway planner over {pools} (policy={config.policy}, "
+                f"connector={config.connector}, budget={config.effective_budget}, "
+                f"interval={config.interval_s:g}s"
+                + (", dry run" if config.dry_run else "")
+                + (f", metrics {planner.metrics_address}" if planner.metrics_address else "")
+                + ")",
+                flush=True,
+            )
+            await planner.run(stop)
+        finally:
+            await planner.aclose(stop_workers=not args.keep_workers)
+
+    run_async(run())
     return 0
 
 

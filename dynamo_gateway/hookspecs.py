@@ -34,6 +34,7 @@ if TYPE_CHECKING:
         EventPlaneRegister,
         KvTransportRegister,
         PlannerConnectorRegister,
+        PlannerPolicyRegister,
         RouterRegister,
     )
 
@@ -139,9 +140,25 @@ def dynamo_gateway_register_planner_connectors(register: PlannerConnectorRegiste
     """Register planner connectors, which add and remove workers.
 
     :param register: ``register(name, factory, description="")`` where
-        ``factory(context)`` builds a connector that carries out the planner's
-        decisions (start N prefill / decode workers of a model, drain and stop
-        one) on some substrate: local processes, a cluster manager.
+        ``factory(config: PlannerConfig) -> PlannerConnector`` builds a
+        connector (`dynamo_gateway.planner.connector`) that starts workers of a
+        pool and drains chosen ones on some substrate: local processes, a Ray
+        cluster, Kubernetes. Removal must be a drain, never a kill.
+
+    All implementations are called; results are ignored.
+    """
+
+
+@hookspec
+def dynamo_gateway_register_planner_policies(register: PlannerPolicyRegister) -> None:
+    """Register planner policies, which decide how many workers each pool needs.
+
+    :param register: ``register(name, factory, description="")`` where
+        ``factory(config: PlannerConfig) -> PlannerPolicy`` builds a policy
+        (`dynamo_gateway.planner.policy`) whose ``demand(observation)`` maps
+        each pool to the workers it should have. It must be pure of I/O (time
+        comes in the observation); limits, cool-down and the global budget are
+        applied after it by the planner.
 
     All implementations are called; results are ignored.
     """

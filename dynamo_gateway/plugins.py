@@ -34,6 +34,7 @@ DEFAULT_PLUGINS: tuple[tuple[str, str], ...] = (
     ("dynamo_gateway.default_plugins.runtime", "builtin.runtime"),
     ("dynamo_gateway.default_plugins.transports", "builtin.transports"),
     ("dynamo_gateway.default_plugins.tiers", "builtin.tiers"),
+    ("dynamo_gateway.default_plugins.planner", "builtin.planner"),
 )
 
 # hook name -> Registry attribute it fills
@@ -45,6 +46,7 @@ REGISTRATION_HOOKS: dict[str, str] = {
     "dynamo_gateway_register_discovery": "discovery",
     "dynamo_gateway_register_event_planes": "event_planes",
     "dynamo_gateway_register_planner_connectors": "planner_connectors",
+    "dynamo_gateway_register_planner_policies": "planner_policies",
 }
 
 

@@ -18,6 +18,8 @@ from dynamo_gateway.router.base import RouterFactory
 if TYPE_CHECKING:
     from dynamo_gateway.disagg.transport import KvTransportFactory
     from dynamo_gateway.kvbm.tier import CacheTierFactory
+    from dynamo_gateway.planner.connector import ConnectorFactory
+    from dynamo_gateway.planner.policy import PolicyFactory
 
 F = TypeVar("F")
 F_contra = TypeVar("F_contra", contravariant=True)
@@ -38,7 +40,8 @@ KvTransportRegister = Register["KvTransportFactory"]
 CacheTierRegister = Register["CacheTierFactory"]
 DiscoveryRegister = Register[ComponentFactory]
 EventPlaneRegister = Register[ComponentFactory]
-PlannerConnectorRegister = Register[ComponentFactory]
+PlannerConnectorRegister = Register["ConnectorFactory"]
+PlannerPolicyRegister = Register["PolicyFactory"]
 
 
 @dataclass(frozen=True)
@@ -104,8 +107,11 @@ class Registry:
     event_planes: Family[ComponentFactory] = field(
         default_factory=lambda: Family("event-plane backend")
     )
-    planner_connectors: Family[ComponentFactory] = field(
+    planner_connectors: Family[ConnectorFactory] = field(
         default_factory=lambda: Family("planner connector")
+    )
+    planner_policies: Family[PolicyFactory] = field(
+        default_factory=lambda: Family("planner policy")
     )
 
     def families(self) -> dict[str, Family[Any]]:
@@ -117,6 +123,7 @@ class Registry:
             "discovery": self.discovery,
             "event_planes": self.event_planes,
             "planner_connectors": self.planner_connectors,
+            "planner_policies": self.planner_policies,
         }
 
     def provided_by(self, plugin: str) -> dict[str, list[str]]:

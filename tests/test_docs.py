@@ -220,6 +220,7 @@ def test_router_example_selects(doc: str) -> None:
         "discovery",
         "event plane",
         "planner connectors",
+        "planner policies",
     ],
 )
 def test_doc_mentions_every_family(doc: str, family: str) -> None:

@@ -194,7 +194,11 @@ class NatsEventPlane:
             if nc.is_connected:
                 with suppress(nats.errors.Error, OSError, asyncio.TimeoutError):
                     await nc.flush(timeout=2)
-            await nc.close()
+            # nats-py writes its pending buffer on close; with the server gone that
+            # transport is already closed (RuntimeError under uvloop). Nothing is left
+            # to save then, and a worker must still exit cleanly.
+            with suppress(nats.errors.Error, OSError, RuntimeError):
+                await nc.close()
 
     # -- publishing --------------------------------------------------------------------------
 

@@ -177,6 +177,15 @@ class Cluster:
         _wait_for_line(proc, "dynamo-gateway frontend ", timeout)
         return proc
 
+    def planner(self, *args: str, timeout: float = 60.0) -> ClusterProcess:
+        """Start `dynamo-gateway planner` over the cluster's discovery and event plane
+        (workers it starts log under the cluster's directory); wait until it runs."""
+        argv = ["planner", "--discovery", self.discovery, "--events", self.events]
+        argv += ["--log-dir", str(self.directory / "planned")]
+        proc = self._spawn("planner", [*argv, *args])
+        _wait_for_line(proc, "dynamo-gateway planner ", timeout)
+        return proc
+
     def wait_workers(
         self, frontend: ClusterProcess, count: int, *, model: str = "demo", timeout: float = 30.0
     ) -> None:

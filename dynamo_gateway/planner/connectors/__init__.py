@@ -1,0 +1,1 @@
+"""Built-in planner connectors: `local` processes, a `ray` cluster, `kubernetes`."""

@@ -1,0 +1,1 @@
+"""Built-in planner policies: `load` (reactive, with hysteresis) and `sla` (predictive)."""
