@@ -168,6 +168,23 @@ def _parser() -> argparse.ArgumentParser:
     )
     planner.set_defaults(func=_cmd_planner)
 
+    profile = sub.add_parser(
+        "profile", help="measure an engine's prefill time and decode ITL for the sla planner"
+    )
+    _add_common(profile)
+    _add_engine_args(profile)
+    profile.add_argument("--out", type=Path, required=True, help="profile JSON to write")
+    profile.add_argument(
+        "--isl", type=_int_list, default=[128, 512, 1024, 2048, 4096], help="input lengths"
+    )
+    profile.add_argument("--batch", type=_int_list, default=[1, 4, 16, 32], help="decode batches")
+    profile.add_argument(
+        "--context", type=_int_list, default=[512, 2048], help="decode context lengths"
+    )
+    profile.add_argument("--decode-tokens", type=int, default=32, help="tokens per decode run")
+    profile.add_argument("--repeats", type=int, default=3, help="prefill runs per length")
+    profile.set_defaults(func=_cmd_profile)
+
     plugins = sub.add_parser("plugins", help="list loaded plugins and what they provide")
     plugins.add_argument("--json", action="store_true", help="machine-readable output")
     plugins.set_defaults(func=_cmd_plugins)
@@ -570,6 +587,73 @@ def _cmd_planner(args: argparse.Namespace) -> int:
             await planner.aclose(stop_workers=not args.keep_workers)
 
     run_async(run())
+    return 0
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a comma-separated list of integers: {text}"
+        ) from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"need positive integers: {text}")
+    return values
+
+
+def _cmd_profile(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from dynamo_gateway.engines.base import EngineContext
+    from dynamo_gateway.models.card import ModelCard
+    from dynamo_gateway.planner.profiler import measure
+    from dynamo_gateway.server import plugins_for, run_async
+
+    settings = settings_from_args(args)
+    _setup_logging(settings.log_level)
+    if len(settings.models) != 1:
+        raise ConfigError("profile one --model")
+    served = settings.models[0]
+    card = ModelCard.load(
+        served.path, served_name=served.name, max_model_len=settings.max_model_len
+    )
+    room = card.max_model_len - args.decode_tokens
+    isl = [n for n in args.isl if n <= card.max_model_len - 1]
+    contexts = [n for n in args.context if n <= room]
+    if not isl or not contexts:
+        raise ConfigError(f"every length is past the model's context ({card.max_model_len})")
+    skipped = sorted(set(args.isl) - set(isl)) + sorted(set(args.context) - set(contexts))
+    if skipped:
+        print(
+            f"profile: skipping lengths past the model's context ({card.max_model_len}): "
+            + ", ".join(map(str, skipped)),
+            file=sys.stderr,
+        )
+    plugins = plugins_for(settings)
+    engine = plugins.registry.engines.get(settings.engine)(
+        EngineContext(settings, card, "profile", registry=plugins.registry)
+    )
+
+    def say(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    async def run() -> None:
+        await engine.start()
+        try:
+            profile = await measure(
+                engine, engine_name=settings.engine, model=card.served_name,
+                vocab_size=card.vocab_size, input_lengths=isl, batches=args.batch,
+                contexts=contexts, decode_tokens=args.decode_tokens, repeats=args.repeats,
+                say=say,
+            )  # fmt: skip
+        finally:
+            await engine.aclose()
+        profile.save(args.out)
+        await asyncio.sleep(0)
+
+    run_async(run())
+    print(args.out)
     return 0
 
 
