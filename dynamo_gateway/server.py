@@ -22,7 +22,7 @@ from dynamo_gateway.protocol.engine import WorkerRole
 from dynamo_gateway.runtime.connect import connect_discovery, connect_events
 from dynamo_gateway.runtime.discovery import MemoryDiscovery
 from dynamo_gateway.runtime.events import MemoryEventPlane
-from dynamo_gateway.runtime.local import LocalWorkers, start_local_workers
+from dynamo_gateway.runtime.local import LocalFleet, local_worker_id
 from dynamo_gateway.runtime.pool import InprocResolver, ModelManager
 from dynamo_gateway.runtime.remote import RemoteResolver
 from dynamo_gateway.settings import Settings
@@ -44,11 +44,15 @@ async def serve(settings: Settings, *, ready: Callable[[str], None] | None = Non
 
 
 @contextlib.asynccontextmanager
-async def embedded(settings: Settings, plugins: Plugins | None = None) -> AsyncIterator[Gateway]:
+async def embedded(
+    settings: Settings, plugins: Plugins | None = None, *, start_workers: bool = True
+) -> AsyncIterator[Gateway]:
     """Frontend state, router and workers of every configured model, in this process.
 
     Yields the `Gateway` once every model has its workers; stops them on exit.
-    Used by `serve` and by tests that drive the app in-process.
+    Used by `serve` and by tests that drive the app in-process. Without
+    `start_workers` the fleet (``gateway.fleet``) starts empty: something else
+    (a planner) adds workers, and a model exists once its first one registers.
     """
     if not settings.models:
         raise ConfigError("--model is required: a local model directory (see `demo-model`)")
@@ -67,34 +71,29 @@ async def embedded(settings: Settings, plugins: Plugins | None = None) -> AsyncI
     # streams skip the migration wrapper.
     manager = ModelManager(settings, plugins.registry, resolver, events, migration_limit=0)
     follow = asyncio.get_running_loop().create_task(manager.follow(discovery))
-    workers: list[LocalWorkers] = []
+    fleet = LocalFleet(
+        settings, plugins.registry, discovery, events, resolver,
+        cards={card.served_name: card for card in cards},
+    )  # fmt: skip
     # Disaggregated: prefill-only workers and decode workers, KV moved in-process.
-    fleet = [(WorkerRole.AGGREGATED, settings.workers)]
+    plan = [(WorkerRole.AGGREGATED, settings.workers)]
     if settings.prefill_workers:
-        fleet = [
+        plan = [
             (WorkerRole.PREFILL, settings.prefill_workers),
             (WorkerRole.DECODE, settings.decode_workers or 1),
         ]
     try:
-        for card in cards:
-            for role, count in fleet:
-                workers.append(
-                    await start_local_workers(
-                        settings,
-                        plugins.registry,
-                        card,
-                        discovery=discovery,
-                        events=events,
-                        resolver=resolver,
-                        count=count,
-                        role=role,
-                    )
-                )
-            await _wait_for_pool(manager, card.served_name, sum(n for _, n in fleet))
-        yield Gateway(settings, manager)
+        for card in cards if start_workers else ():
+            for role, count in plan:
+                for i in range(count):
+                    worker_id = local_worker_id(card, settings.engine, role, i)
+                    await fleet.start(card, worker_id, role=role)
+            await _wait_for_pool(manager, card.served_name, sum(n for _, n in plan))
+        gateway = Gateway(settings, manager)
+        gateway.fleet = fleet
+        yield gateway
     finally:
-        for group in workers:
-            await group.stop()
+        await fleet.stop_all()
         await discovery.aclose()
         follow.cancel()
         with contextlib.suppress(asyncio.CancelledError):

@@ -18,12 +18,22 @@ runs the whole experiment S times faster than real time (arrivals divided by S, 
 mocker's timing model divided by S); measured latencies and durations are multiplied
 back by S, so every reported figure is in trace time. Large S only stays faithful while
 the process keeps up: ``dispatch_lag_ms`` (how late requests left, in trace time) tells
-when it did not.
+when it did not. ``virtual_clock`` removes that limit: the whole run (arrivals, the
+mocker's steps, the planner's intervals) happens on a simulated clock
+(`dynamo_gateway.bench.vclock`) that jumps instead of waiting, so a replay takes the CPU
+time its work needs, whatever the trace's length, and nothing can fall behind.
+
+NOTE on scaling: with ``planner`` (a planner TOML) the fleet starts empty and the real
+planner sizes it (`dynamo_gateway.bench.scaled`); the summary then has the worker time
+used and the workers over time. With SLA targets (``ttft_target_ms``, ``itl_target_ms``,
+or the planner file's) it has the share of requests that met them. A live replay with a
+planner runs at speedup 1 (the planner's own intervals are wall-clock time).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import os
@@ -39,6 +49,12 @@ import msgspec
 
 from dynamo_gateway.bench.httpclient import SSEDecoder
 from dynamo_gateway.bench.loadgen import BenchConfig, RequestRecord, aggregate
+from dynamo_gateway.bench.scaled import (
+    ScaledFleet,
+    replay_planner_config,
+    scaled_fleet,
+    sla_attainment,
+)
 from dynamo_gateway.bench.stats import summarize
 from dynamo_gateway.bench.trace import (
     DEFAULT_TRACE_BLOCK_SIZE,
@@ -47,6 +63,8 @@ from dynamo_gateway.bench.trace import (
     arrival_offsets,
     load_trace,
 )
+from dynamo_gateway.clock import now
+from dynamo_gateway.planner.config import PlannerConfig
 
 __all__ = [
     "DYNAMO_MOCKER_KV_TOKENS",
@@ -57,6 +75,7 @@ __all__ = [
     "default_model_dir",
     "format_replay_summary",
     "plot_ttft_cdfs",
+    "replay",
     "run_replay",
 ]
 
@@ -121,6 +140,17 @@ class ReplayConfig:
     timing: str = "dynamo"
     #: Per-request limit in wall-clock seconds.
     timeout_s: float = 600.0
+    #: Run on a simulated clock (`dynamo_gateway.bench.vclock`); needs speedup 1.
+    virtual_clock: bool = False
+    #: Planner TOML: the fleet starts empty and the planner scales it (see the docstring).
+    planner: Path | None = None
+    #: Seconds a worker the planner adds takes to start (trace time).
+    worker_startup_s: float = 0.0
+    #: Seconds between samples of the worker count (trace time).
+    sample_interval_s: float = 1.0
+    #: SLA targets for the attainment figures; None: the planner file's model's, if any.
+    ttft_target_ms: float | None = None
+    itl_target_ms: float | None = None
     #: Progress lines on stderr: True / False, or None for "only on a TTY".
     progress: bool | None = None
     #: Seconds between progress lines.
@@ -144,17 +174,26 @@ class ReplayConfig:
             raise ValueError("timeout_s must be > 0")
         if self.timing not in ("dynamo", "settings"):
             raise ValueError(f"timing must be 'dynamo' or 'settings', not {self.timing!r}")
+        if self.virtual_clock and self.speedup != 1:
+            raise ValueError("a virtual-clock replay runs at speedup 1 (it never waits anyway)")
+        if self.planner is not None and self.speedup != 1:
+            raise ValueError("a replay with a planner runs at speedup 1 (or on --virtual-clock)")
+        if self.planner is not None and self.prefill_workers:
+            raise ValueError("the planner sizes the fleet: give its pools in the planner file")
+        if self.worker_startup_s < 0 or self.sample_interval_s <= 0:
+            raise ValueError("worker_startup_s must be >= 0 and sample_interval_s > 0")
 
     def to_json_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["trace"] = str(self.trace)
         out["model"] = None if self.model is None else str(self.model)
+        out["planner"] = None if self.planner is None else str(self.planner)
         return out
 
 
 @dataclass(slots=True)
 class ReplayRecord:
-    """What one replayed request measured (wall-clock ``perf_counter`` seconds)."""
+    """What one replayed request measured (seconds on `dynamo_gateway.clock.now`)."""
 
     index: int
     arrival_s: float  # scheduled send time, seconds after the first (wall clock)
@@ -180,6 +219,8 @@ class ReplayResult:
     config: ReplayConfig
     summary: dict[str, Any]
     per_request: list[dict[str, Any]] = field(repr=False)
+    #: The measured window on the event loop's clock: first send, last completion.
+    window: tuple[float, float] = (0.0, 0.0)
 
     def to_json_dict(self, *, per_request: bool = True) -> dict[str, Any]:
         out = dict(self.summary)
@@ -232,7 +273,7 @@ async def _post_stream(app: Any, path: str, body: bytes, record: ReplayRecord) -
 
     async def send(message: dict[str, Any]) -> None:
         nonlocal status, err_body, done
-        t = time.perf_counter()
+        t = now()
         if message["type"] == "http.response.start":
             status = message["status"]
             return
@@ -370,9 +411,14 @@ class _Progress:
     async def run(self) -> None:
         if not self.enabled:
             return
+        last = time.perf_counter()
         while True:
-            await asyncio.sleep(self.interval)
-            print(self.line(), file=sys.stderr, flush=True)
+            # Short ticks on the loop's clock, lines by the real one: on a virtual clock
+            # a loop-clock interval can pass in no real time at all.
+            await asyncio.sleep(min(self.interval, 0.5))
+            if time.perf_counter() - last >= self.interval:
+                last = time.perf_counter()
+                print(self.line(), file=sys.stderr, flush=True)
 
 
 async def run_replay(config: ReplayConfig) -> ReplayResult:
@@ -388,16 +434,73 @@ async def run_replay(config: ReplayConfig) -> ReplayResult:
     settings = _settings(config, model, requests)
     for name in ("dynamo_gateway", "hypercorn"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    async with embedded(settings) as gateway:
+    planner = None
+    if config.planner is not None:
+        planner = replay_planner_config(
+            config.planner, model="replay", model_path=model, engine=config.engine
+        )
+    async with (
+        embedded(settings, start_workers=planner is None) as gateway,
+        contextlib.AsyncExitStack() as stack,
+    ):
         app = build_app(gateway)
+        scaled: ScaledFleet | None = None
+        if planner is not None:
+            scaled = await stack.enter_async_context(
+                scaled_fleet(
+                    gateway, planner, startup_s=config.worker_startup_s,
+                    sample_interval_s=config.sample_interval_s,
+                )
+            )  # fmt: skip
         pool = gateway.manager.get("replay")
         synth = PromptSynthesizer(
             pool.tokenizer.vocab_size, config.trace_block_size, seed=config.seed
         )
         result = await _replay(config, app, synth, requests)
-        result.summary["remote_prefills"] = pool.remote_prefills
-        result.summary["local_prefills"] = dict(pool.local_prefills)
+        summary = result.summary
+        summary["remote_prefills"] = pool.remote_prefills
+        summary["local_prefills"] = dict(pool.local_prefills)
+        if scaled is not None:
+            summary["planner"] = scaled.report(*result.window, time_scale=config.speedup)
+            summary["worker_seconds"] = summary["planner"]["worker_seconds"]
+        else:
+            size = (
+                config.prefill_workers + config.decode_workers
+                if config.prefill_workers
+                else config.workers
+            )
+            summary["worker_seconds"] = size * summary["duration_s"]
+        targets = _targets(config, planner)
+        if targets is not None:
+            summary["sla"] = {
+                "ttft_target_ms": targets[0],
+                "itl_target_ms": targets[1],
+                **sla_attainment(result.per_request, *targets),
+            }
         return result
+
+
+def _targets(config: ReplayConfig, planner: PlannerConfig | None) -> tuple[float, float] | None:
+    ttft, itl = config.ttft_target_ms, config.itl_target_ms
+    if planner is not None:
+        ttft = ttft if ttft is not None else planner.models[0].ttft_ms
+        itl = itl if itl is not None else planner.models[0].itl_ms
+    if ttft is None or itl is None:
+        return None
+    return ttft, itl
+
+
+def replay(config: ReplayConfig, *, uvloop: bool = True) -> ReplayResult:
+    """Run :func:`run_replay` on the right event loop: a virtual-clock one when the
+    config asks for it, else asyncio's (or uvloop's)."""
+    if config.virtual_clock:
+        from dynamo_gateway.bench import vclock
+
+        return vclock.run(run_replay(config))
+    from dynamo_gateway.bench.cli import _loop_factory
+
+    with asyncio.Runner(loop_factory=_loop_factory(uvloop)) as runner:
+        return runner.run(run_replay(config))
 
 
 async def _replay(
@@ -414,7 +517,7 @@ async def _replay(
     encode = msgspec.json.encode
 
     async def one(record: ReplayRecord, body: bytes) -> None:
-        record.start = time.perf_counter()
+        record.start = now()
         try:
             async with asyncio.timeout(config.timeout_s):
                 await _post_stream(app, "/v1/completions", body, record)
@@ -422,7 +525,7 @@ async def _replay(
             record.error = f"timeout after {config.timeout_s}s"
         except Exception as exc:  # any failure is this request's error, not the run's
             record.error = f"{type(exc).__name__}: {exc}"
-        record.end = time.perf_counter()
+        record.end = now()
         progress.done += 1
         if record.error is not None:
             progress.errors += 1
@@ -430,7 +533,9 @@ async def _replay(
     tasks: list[asyncio.Task[None]] = []
     lags: list[float] = []
     cpu0 = time.process_time()
-    t0 = time.perf_counter() + 0.05  # a little lead so the first sends are on time
+    real0 = time.perf_counter()
+    t0 = now() + 0.05  # a little lead so the first sends are on time
+    loop_t0 = loop.time() + 0.05
     try:
         for record, req in zip(records, requests, strict=True):
             # Synthesise before waiting: the body is ready when the request is due.
@@ -444,10 +549,10 @@ async def _replay(
                     "ignore_eos": True,
                 }
             )
-            delay = t0 + record.arrival_s - time.perf_counter()
+            delay = t0 + record.arrival_s - now()
             if delay > 0:
                 await asyncio.sleep(delay)
-            lags.append(max(0.0, time.perf_counter() - t0 - record.arrival_s))
+            lags.append(max(0.0, now() - t0 - record.arrival_s))
             progress.sent += 1
             tasks.append(loop.create_task(one(record, body)))
         await asyncio.gather(*tasks)
@@ -459,7 +564,10 @@ async def _replay(
     cpu = time.process_time() - cpu0
     if progress.enabled:
         print(progress.line(), file=sys.stderr, flush=True)
-    return _aggregate(config, records, wall, cpu, lags)
+    result = _aggregate(config, records, wall, cpu, lags)
+    result.summary["real_s"] = time.perf_counter() - real0
+    result.window = (loop_t0, loop_t0 + wall)
+    return result
 
 
 def _aggregate(
@@ -555,6 +663,8 @@ def _fmt(v: Any, digits: int = 1) -> str:
 
 
 def _fleet(c: ReplayConfig) -> str:
+    if c.planner is not None:
+        return f"scaled by the planner ({c.planner.name}) x {c.engine}"
     if c.prefill_workers:
         return f"{c.prefill_workers} prefill + {c.decode_workers} decode x {c.engine}"
     return f"{c.workers} x {c.engine}"
@@ -564,12 +674,15 @@ def format_replay_summary(result: ReplayResult) -> str:
     """A human-readable multi-line summary."""
     c = result.config
     s = result.summary
+    clock = "virtual clock" if c.virtual_clock else f"speedup={c.speedup:g}"
     lines = [
         f"trace       {c.trace}  requests={s['requests'] + s['errors']}  "
-        f"arrival-speedup={c.arrival_speedup:g}  speedup={c.speedup:g}",
+        f"arrival-speedup={c.arrival_speedup:g}  {clock}",
         f"fleet       {_fleet(c)}  router={c.router}",
         f"completed   {s['requests']} ok, {s['errors']} errors in {s['duration_s']:.1f} s "
-        f"trace time ({s['wall_s']:.1f} s wall, {s['process_cpu_s']:.1f} s CPU)",
+        f"trace time ({s.get('real_s', s['wall_s']):.1f} s real, {s['process_cpu_s']:.1f} s CPU)",
+        f"workers     {s['worker_seconds']:,.0f} worker-seconds"
+        + (f", at most {s['planner']['max_workers']} at once" if "planner" in s else ""),
         f"throughput  {s['req_per_s']:.2f} req/s  {s['output_tok_per_s']:,.0f} output tok/s",
         f"cache       hit rate {_fmt(s['cache_hit_rate'], 3)}  "
         f"({s['cached_tokens']:,} of {s['prompt_tokens']:,} prompt tokens)",
@@ -588,6 +701,12 @@ def format_replay_summary(result: ReplayResult) -> str:
             + "".join(f"{_fmt(summ.get(k)):>10}" for k in ("mean", "p50", "p90", "p99"))
         )
     lines.append(f"ITL mean over all tokens: {_fmt(s['itl_token_mean_ms'], 2)} ms")
+    if "sla" in s:
+        sla = s["sla"]
+        lines.append(
+            f"SLA         TTFT <= {sla['ttft_target_ms']:g} ms: {sla['ttft']:.1%}  "
+            f"ITL <= {sla['itl_target_ms']:g} ms: {sla['itl']:.1%}  both: {sla['both']:.1%}"
+        )
     if c.prefill_workers:
         lines.append(
             f"prefill     {s.get('remote_prefills', 0)} remote, "

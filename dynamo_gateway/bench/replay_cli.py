@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
 from pathlib import Path
@@ -14,10 +13,11 @@ from dynamo_gateway.bench.replay import (
     ReplayResult,
     format_replay_summary,
     plot_ttft_cdfs,
-    run_replay,
+    replay,
     ttfts_from_json,
 )
 from dynamo_gateway.bench.trace import DEFAULT_TRACE_BLOCK_SIZE
+from dynamo_gateway.errors import ConfigError
 
 __all__ = ["configure_plot_parser", "configure_replay_parser", "main"]
 
@@ -92,6 +92,31 @@ def configure_replay_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--timeout", type=float, default=d.timeout_s, help="per-request limit, wall seconds"
     )
+    p.add_argument(
+        "--virtual-clock",
+        action="store_true",
+        help="run on a simulated clock: hours of trace in the CPU time they need",
+    )
+    p.add_argument(
+        "--planner",
+        type=Path,
+        metavar="TOML",
+        help="scale the fleet with the planner (its settings, pools and SLA targets)",
+    )
+    p.add_argument(
+        "--worker-startup",
+        type=float,
+        default=d.worker_startup_s,
+        help="seconds a worker the planner adds takes to start (trace time)",
+    )
+    p.add_argument(
+        "--sample-interval",
+        type=float,
+        default=d.sample_interval_s,
+        help="seconds between samples of the worker count",
+    )
+    p.add_argument("--ttft-target-ms", type=float, help="SLA: TTFT target for the attainment")
+    p.add_argument("--itl-target-ms", type=float, help="SLA: mean ITL target for the attainment")
     p.add_argument("--json", dest="json_path", metavar="FILE", help="write results as JSON")
     p.add_argument("--plot", metavar="PNG", help="draw the TTFT CDF (with any --plot-with runs)")
     p.add_argument(
@@ -160,6 +185,12 @@ def main(args: argparse.Namespace) -> int:
         seed=args.seed,
         timing=args.timing,
         timeout_s=args.timeout,
+        virtual_clock=args.virtual_clock,
+        planner=args.planner,
+        worker_startup_s=args.worker_startup,
+        sample_interval_s=args.sample_interval,
+        ttft_target_ms=args.ttft_target_ms,
+        itl_target_ms=args.itl_target_ms,
         progress=not args.no_progress,
     )
     try:
@@ -167,10 +198,11 @@ def main(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"bench: error: {exc}", file=sys.stderr)
         return 2
-    from dynamo_gateway.bench.cli import _loop_factory
-
-    with asyncio.Runner(loop_factory=_loop_factory(not args.no_uvloop)) as runner:
-        result: ReplayResult = runner.run(run_replay(config))
+    try:
+        result: ReplayResult = replay(config, uvloop=not args.no_uvloop)
+    except ConfigError as exc:
+        print(f"bench: error: {exc}", file=sys.stderr)
+        return 2
     print(format_replay_summary(result), flush=True)
     if args.json_path:
         path = Path(args.json_path)

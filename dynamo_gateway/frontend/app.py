@@ -17,7 +17,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 from prometheus_client import generate_latest
@@ -54,6 +54,9 @@ from dynamo_gateway.frontend.preparation import Prepared, prepare_chat, prepare_
 from dynamo_gateway.protocol.openai import ChatCompletionRequest, CompletionRequest, decode_request
 from dynamo_gateway.runtime.pool import ModelManager
 from dynamo_gateway.settings import Settings
+
+if TYPE_CHECKING:
+    from dynamo_gateway.runtime.local import LocalFleet
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +128,7 @@ class Gateway:
         self.metrics = FrontendMetrics()
         self.metrics.add_collector(self._worker_metrics)
         self.started = int(time.time())
+        self.fleet: LocalFleet | None = None  # the embedded gateway's in-process workers
 
     def _worker_metrics(self) -> Iterable[Metric]:
         workers = gauge("workers", "Live workers, by model and role", ["model", "role"])

@@ -9,10 +9,10 @@ busy, so a loaded frontend sends fewer, larger chunks instead of falling behind.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from dynamo_gateway import clock
 from dynamo_gateway.disagg.flow import DisaggRouted
 from dynamo_gateway.errors import EngineError, UnavailableError
 from dynamo_gateway.frontend.encoding import (
@@ -102,7 +102,7 @@ class ChoiceRun:
         fmt = _formatter(self.prep) if self.prep.logprobs is not None else None
         first_text = True
         last = self.prep.started
-        perf = time.perf_counter
+        perf = clock.now
         try:
             routed = self._route()
         except (UnavailableError, EngineError) as exc:  # reported in the stream's tail
@@ -160,7 +160,7 @@ class ChoiceRun:
                 if first:
                     first = False
                     routed.first_token()
-                    self.metrics.ttft.observe(time.perf_counter() - self.prep.started)
+                    self.metrics.ttft.observe(clock.now() - self.prep.started)
                     if out.cached_tokens is not None:
                         self.cached_tokens = out.cached_tokens
                 self.completion_tokens += len(out.token_ids)

@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from dynamo_gateway import clock
 from dynamo_gateway.errors import ContextLengthError, InvalidRequestError
 from dynamo_gateway.protocol.engine import EngineRequest, SamplingParams
 from dynamo_gateway.protocol.openai import (
@@ -52,7 +53,7 @@ class Prepared:
     logprobs: int | None
     n: int
     prompt_tokens: int
-    started: float = field(default_factory=time.perf_counter)
+    started: float = field(default_factory=clock.now)
 
 
 def _new_id(prefix: str) -> str:

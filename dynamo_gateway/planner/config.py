@@ -167,18 +167,24 @@ class PlannerConfig(_Strict):
         return self.model(key.model).pools[key.role.value]
 
 
+def read_config_file(path: Path) -> dict[str, Any]:
+    """The planner settings of a TOML file (its ``[planner]`` table, or the whole file)."""
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"planner config {path} does not exist") from None
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read planner config {path}: {exc}") from exc
+    table = data.get("planner", data)
+    if not isinstance(table, dict):
+        raise ConfigError(f"planner config {path}: [planner] is not a table")
+    return table
+
+
 def load_config(path: Path | None, **overrides: Any) -> PlannerConfig:
     """The config file (if any) with `overrides` (from flags) on top."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        try:
-            with path.open("rb") as fh:
-                data = tomllib.load(fh)
-        except FileNotFoundError:
-            raise ConfigError(f"planner config {path} does not exist") from None
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise ConfigError(f"cannot read planner config {path}: {exc}") from exc
-        data = data.get("planner", data)
+    data: dict[str, Any] = read_config_file(path) if path is not None else {}
     data.update({k: v for k, v in overrides.items() if v is not None})
     if not data.get("models"):
         raise ConfigError("the planner needs at least one model (--model or [[models]])")

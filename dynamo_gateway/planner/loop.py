@@ -15,7 +15,7 @@ import contextlib
 import logging
 import time
 import urllib.request
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
@@ -139,13 +139,20 @@ class Planner:
         discovery: Discovery,
         events: EventPlane,
         clock: Callable[[], float] = time.monotonic,
+        scrape: Callable[[], Awaitable[list[str]]] | None = None,
+        own_planes: bool = True,
     ) -> None:
+        """`scrape` returns the frontends' metrics texts (default: GET each of
+        ``config.frontends``' /metrics); an in-process gateway passes its own.
+        With `own_planes` the planner closes `discovery` and `events` in `aclose()`."""
         self.config = config
         self.policy = policy
         self.connector = connector
         self.discovery = discovery
         self.events = events
         self.clock = clock
+        self._own_planes = own_planes
+        self._scrape_texts = scrape if scrape is not None else self._get_frontends
         self.records: dict[str, WorkerRecord] = {}
         self.loads: dict[str, tuple[LoadMetrics, float]] = {}
         self.history: list[tuple[float, list[Decision]]] = []
@@ -189,9 +196,7 @@ class Planner:
         now = self.clock()
         return {w: m for w, (m, t) in self.loads.items() if now - t <= REPORT_STALE_S}
 
-    async def _traffic(self) -> dict[str, Traffic]:
-        if not self.config.frontends:
-            return {}
+    async def _get_frontends(self) -> list[str]:
         texts = await asyncio.gather(
             *(
                 asyncio.to_thread(_get, f"{url.rstrip('/')}/metrics")
@@ -199,13 +204,22 @@ class Planner:
             ),
             return_exceptions=True,
         )
-        scrapes = []
+        out = []
         for url, text in zip(self.config.frontends, texts, strict=True):
             if isinstance(text, BaseException):
-                log.warning("planner: cannot scrape %s/metrics: %s", url, text)
-                return {}  # a partial sum would read as a traffic drop
-            scrapes.append(parse_samples(text))
-        now, samples = self.clock(), merge_samples(scrapes)
+                raise OSError(f"cannot scrape {url}/metrics: {text}")
+            out.append(text)
+        return out
+
+    async def _traffic(self) -> dict[str, Traffic]:
+        try:
+            texts = await self._scrape_texts()
+        except OSError as exc:
+            log.warning("planner: %s", exc)
+            return {}  # a partial sum would read as a traffic drop
+        if not texts:
+            return {}
+        now, samples = self.clock(), merge_samples(parse_samples(t) for t in texts)
         before, self._scrape = self._scrape, (now, samples)
         if before is None:
             return {}
@@ -316,8 +330,9 @@ class Planner:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         await self.connector.aclose(stop_workers=stop_workers)
-        await self.discovery.aclose()
-        await self.events.aclose()
+        if self._own_planes:
+            await self.discovery.aclose()
+            await self.events.aclose()
         if self._status is not None:
             await self._status.aclose()
 

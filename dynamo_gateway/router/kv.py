@@ -51,6 +51,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from dynamo_gateway.clock import now as clock_now
 from dynamo_gateway.kv.hashing import sequence_hashes
 from dynamo_gateway.kv.indexer import DEFAULT_MEDIUM, RadixIndexer
 from dynamo_gateway.protocol.kv_events import BlockRemoved, BlockStored, KvEvent
@@ -198,7 +199,7 @@ class KvRouter(RouterBase):
         settings: KvRouterSettings | None = None,
         *,
         indexer: RadixIndexer | None = None,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = clock_now,
         rng: random.Random | None = None,
     ) -> None:
         self.block_size = block_size

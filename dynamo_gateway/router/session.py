@@ -12,10 +12,10 @@ the wrapped policy decides and the session moves to its choice.
 
 from __future__ import annotations
 
-import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
+from dynamo_gateway.clock import now as clock_now
 from dynamo_gateway.protocol.kv_events import KvEvent
 from dynamo_gateway.router.base import Router, RouteRequest, WorkerView
 
@@ -46,7 +46,7 @@ class SessionAffinity:
         self,
         ttl_s: float,
         *,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = clock_now,
         max_sessions: int = 100_000,
     ) -> None:
         self.ttl_s = ttl_s

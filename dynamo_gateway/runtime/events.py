@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Protocol, TypeVar, runtime_checkable
 
 import msgspec
@@ -48,6 +48,10 @@ class LoadReport(msgspec.Struct, frozen=True, kw_only=True):
     kv_event_id: int | None = None
 
 
+LOAD_REPORT_INTERVAL_S = 0.1  # a changed load goes out this often at most
+LOAD_HEARTBEAT_S = 1.0  # an unchanged one this often
+
+
 @runtime_checkable
 class EventPlane(Protocol):
     async def start(self) -> None:
@@ -66,6 +70,28 @@ class EventPlane(Protocol):
 
     async def aclose(self) -> None:
         """End every subscription and release the backend."""
+
+
+async def report_load(
+    events: EventPlane,
+    topic: str,
+    worker_id: str,
+    read: Callable[[], tuple[LoadMetrics, int | None]],
+) -> None:
+    """Publish a worker's `LoadReport` whenever `read()` (its load and last KV event
+    id) changes, at most every LOAD_REPORT_INTERVAL_S, and every LOAD_HEARTBEAT_S
+    regardless; runs until cancelled."""
+    last: tuple[LoadMetrics, int | None] | None = None
+    quiet = 0.0
+    while True:
+        now = read()
+        if now != last or quiet >= LOAD_HEARTBEAT_S:
+            events.publish(
+                topic, LoadReport(worker_id=worker_id, metrics=now[0], kv_event_id=now[1])
+            )
+            last, quiet = now, 0.0
+        await asyncio.sleep(LOAD_REPORT_INTERVAL_S)
+        quiet += LOAD_REPORT_INTERVAL_S
 
 
 class MemoryEventPlane:

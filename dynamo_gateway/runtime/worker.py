@@ -38,11 +38,12 @@ from dynamo_gateway.disagg.agent import LATENCY_BUCKETS, KvTransferAgent
 from dynamo_gateway.engines.base import Engine, EngineContext
 from dynamo_gateway.errors import ConfigError
 from dynamo_gateway.models.card import ModelCard
-from dynamo_gateway.protocol.engine import LoadMetrics, WorkerRole
+from dynamo_gateway.protocol.engine import WorkerRole
 from dynamo_gateway.protocol.kv_events import KvEvent
 from dynamo_gateway.runtime.connect import connect_discovery, connect_events
 from dynamo_gateway.runtime.discovery import Discovery, WorkerRecord
-from dynamo_gateway.runtime.events import EventPlane, LoadReport, kv_events_topic, load_topic
+from dynamo_gateway.runtime.events import EventPlane, kv_events_topic, load_topic
+from dynamo_gateway.runtime.local import report_load_of
 from dynamo_gateway.runtime.rpc_server import RequestPlaneServer
 from dynamo_gateway.runtime.status import StatusServer, json_body
 
@@ -52,9 +53,6 @@ if TYPE_CHECKING:
     from dynamo_gateway.settings import Settings
 
 log = logging.getLogger(__name__)
-
-LOAD_REPORT_INTERVAL_S = 0.1  # a changed load goes out this often at most
-LOAD_HEARTBEAT_S = 1.0  # an unchanged one this often
 
 
 class Worker:
@@ -188,16 +186,7 @@ class Worker:
     async def _report_load(self) -> None:
         assert self.engine is not None and self.events is not None
         topic = load_topic(self.card.served_name)
-        last: tuple[LoadMetrics, int | None] | None = None
-        quiet = 0.0
-        while True:
-            now = (self.engine.load(), getattr(self.engine, "last_kv_event_id", None))
-            if now != last or quiet >= LOAD_HEARTBEAT_S:
-                report = LoadReport(worker_id=self.worker_id, metrics=now[0], kv_event_id=now[1])
-                self.events.publish(topic, report)
-                last, quiet = now, 0.0
-            await asyncio.sleep(LOAD_REPORT_INTERVAL_S)
-            quiet += LOAD_REPORT_INTERVAL_S
+        await report_load_of(self.engine, self.worker_id, self.events, topic)
 
     # -- status endpoint ------------------------------------------------------------------
 

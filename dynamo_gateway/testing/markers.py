@@ -1,6 +1,6 @@
 """Command-line options and markers: ``--run-slow``, ``--require-engines`` and the
 hardware / engine markers (``gpu``, ``vllm``, ``sglang``, ``trtllm``, ``nixl``,
-``slow``, ``real_model``).
+``ray``, ``slow``, ``real_model``).
 
 A test marked with an engine is skipped when that engine's library cannot be
 imported, one marked ``gpu`` when torch sees no CUDA device; under
@@ -28,6 +28,7 @@ ENGINE_MARKERS = {
     "sglang": "sglang",
     "trtllm": "tensorrt_llm",
     "nixl": "nixl",
+    "ray": "ray",
 }
 
 MARKERS = {
@@ -36,6 +37,7 @@ MARKERS = {
     "sglang": "needs SGLang installed",
     "trtllm": "needs TensorRT-LLM installed",
     "nixl": "needs NIXL installed",
+    "ray": "needs Ray installed (starts a local Ray cluster)",
     "slow": "takes more than a few seconds; run with --run-slow",
     "real_model": "serves the real SmolLM2-135M-Instruct checkpoint (fixture real_model)",
 }

@@ -17,7 +17,7 @@ from dynamo_gateway.protocol.kv_events import AllBlocksCleared, KvEvent
 from dynamo_gateway.router.base import RouterBase, RouteRequest, WorkerView
 from dynamo_gateway.runtime.discovery import MemoryDiscovery
 from dynamo_gateway.runtime.events import MemoryEventPlane
-from dynamo_gateway.runtime.local import LocalWorkers, start_local_workers
+from dynamo_gateway.runtime.local import LocalFleet, start_local_workers
 from dynamo_gateway.runtime.pool import InprocResolver, ModelManager
 from dynamo_gateway.settings import Settings, load_settings
 
@@ -61,7 +61,7 @@ def recorder_plugins(make: Callable[[], Recorder]) -> Plugins:
 @contextlib.asynccontextmanager
 async def fleet(
     demo_model: Path, plugins: Plugins, settings: Settings, frontends: int = 1
-) -> AsyncIterator[tuple[list[ModelManager], LocalWorkers]]:
+) -> AsyncIterator[tuple[list[ModelManager], LocalFleet]]:
     """`frontends` managers following two in-process mocker workers of `demo`."""
     discovery, events, resolver = MemoryDiscovery(), MemoryEventPlane(), InprocResolver()
     managers = [
@@ -81,7 +81,7 @@ async def fleet(
                 await asyncio.sleep(0.01)
         yield managers, workers
     finally:
-        await workers.stop()
+        await workers.stop_all()
         await discovery.aclose()
         for task in follows:
             task.cancel()
@@ -142,7 +142,7 @@ async def test_pool_follows_discovery_and_tracks_requests(demo_model: Path) -> N
         assert first_worker.engine.load().active_requests == 0  # type: ignore[attr-defined]
 
         # Workers leaving shrink the pool, the last one removes the model.
-        await workers.stop()
+        await workers.stop_all()
         await asyncio.sleep(0.05)
         assert "demo" not in manager.pools
 
