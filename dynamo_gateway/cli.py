@@ -156,6 +156,9 @@ def _parser() -> argparse.ArgumentParser:
         help="frontend URL whose /metrics give request rate and latency (repeatable)",
     )
     planner.add_argument("--metrics-port", type=int, help="serve the planner's /metrics here")
+    planner.add_argument(
+        "--metrics-host", default="127.0.0.1", help="address of --metrics-port (127.0.0.1)"
+    )
     planner.add_argument("--log-dir", type=Path, help="local connector: worker logs")
     planner.add_argument(
         "--dry-run",
@@ -567,7 +570,7 @@ def _cmd_planner(args: argparse.Namespace) -> int:
             loop.add_signal_handler(sig, stop.set)
         planner = await connect_planner(config, registry, policy, connector)
         try:
-            await planner.start(metrics_port=args.metrics_port)
+            await planner.start(metrics_port=args.metrics_port, host=args.metrics_host)
             pools = ", ".join(
                 f"{key}[{config.limits(key).min}-{config.limits(key).max}]"
                 for m in config.models

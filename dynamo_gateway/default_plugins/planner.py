@@ -1,4 +1,4 @@
-"""Built-in planner policies (`load`, `sla`) and connectors (`local`)."""
+"""Built-in planner policies (`load`, `sla`) and connectors (`local`, `ray`, `kubernetes`)."""
 
 from __future__ import annotations
 
@@ -27,6 +27,18 @@ def _local(config: PlannerConfig) -> PlannerConnector:
     return make_local_connector(config)
 
 
+def _ray(config: PlannerConfig) -> PlannerConnector:
+    from dynamo_gateway.planner.connectors.ray import make_ray_connector
+
+    return make_ray_connector(config)
+
+
+def _kubernetes(config: PlannerConfig) -> PlannerConnector:
+    from dynamo_gateway.planner.connectors.kubernetes import make_kubernetes_connector
+
+    return make_kubernetes_connector(config)
+
+
 @hookimpl
 def dynamo_gateway_register_planner_policies(register: PlannerPolicyRegister) -> None:
     register("load", _load, description="queue depth and KV usage, with hysteresis and cool-down")
@@ -36,3 +48,11 @@ def dynamo_gateway_register_planner_policies(register: PlannerPolicyRegister) ->
 @hookimpl
 def dynamo_gateway_register_planner_connectors(register: PlannerConnectorRegister) -> None:
     register("local", _local, description="`dynamo-gateway worker` processes on this host")
+    register(
+        "ray", _ray, description="workers as Ray actors on a Ray cluster ([plugin_config.ray])"
+    )
+    register(
+        "kubernetes",
+        _kubernetes,
+        description="one Deployment per pool, scaled through the Kubernetes API",
+    )

@@ -26,13 +26,16 @@ and, as plain imports from this package:
 - ``free_port()``: a free TCP port on 127.0.0.1.
 - ``engine_request()``, ``collect()``, ``tokens_of()``: driving an `Engine` directly.
 
-The engine conformance suite, `dynamo_gateway.testing.conformance`, is imported
-by the test modules that use it (it needs the dev extras: ``pytest-asyncio``,
-``httpx``, ``openai``), never by this plugin.
+The engine conformance suite, `dynamo_gateway.testing.conformance`, and the
+planner tests' client-side helpers, `dynamo_gateway.testing.planner` (``Load``,
+``live_workers()``, ``wait_for()``, ``drain_times()``, ``planner_toml()``), are
+imported by the test modules that use them (they need the dev extras:
+``pytest-asyncio``, ``httpx``, ``openai``), never by this plugin.
 
 Layout: `markers` (options, markers, skipping), `fixtures`, `cluster` (processes),
-`engines` (request helpers), `conformance`. Modules here import the rest of
-dynamo_gateway; nothing outside this package imports it.
+`engines` (request helpers), `conformance`, `planner` (planner load and logs).
+Modules here import the rest of dynamo_gateway; nothing outside this package
+imports it.
 """
 
 from __future__ import annotations
