@@ -91,6 +91,32 @@ def test_disagg_flags_reach_the_settings() -> None:
     assert settings.router_name == "kv"
 
 
+def test_kv_tier_flags_reach_the_settings(tmp_path: Path) -> None:
+    from dynamo_gateway.cli import _parser, settings_from_args
+
+    args = _parser().parse_args(
+        ["worker", "--kv-host-cache-gb", "1.5", "--kv-disk-cache-dir", str(tmp_path),
+         "--kv-disk-cache-gb", "3", "--kv-remote-url", "redis://127.0.0.1:6390/2",
+         "--kv-offload-policy", "disk=write-on-evict:min-uses=2"]
+    )  # fmt: skip
+    kvbm = settings_from_args(args).kvbm
+    assert kvbm.enabled
+    assert (kvbm.host_cache_gb, kvbm.disk_cache_dir, kvbm.disk_cache_gb) == (1.5, tmp_path, 3.0)
+    assert kvbm.remote_url == "redis://127.0.0.1:6390/2"
+    assert kvbm.offload_policy == "disk=write-on-evict:min-uses=2"
+
+
+def test_a_bad_offload_policy_fails_clearly(demo_model: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "dynamo_gateway.cli", "serve", "--engine", "mocker",
+         "--model", str(demo_model), "--kv-host-cache-gb", "1", "--kv-offload-policy", "tape=x"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert "unknown tier 'tape'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 def test_engine_args_after_a_bare_double_dash() -> None:
     from dynamo_gateway.cli import _parser, settings_from_args, split_engine_args
 

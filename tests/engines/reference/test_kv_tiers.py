@@ -212,6 +212,47 @@ async def test_redis_going_away_mid_run_loses_no_request(
     assert stats["host"].onboarded_blocks > 0  # the host tier kept serving
 
 
+async def test_host_and_disk_too_small_fall_back_to_redis(
+    card: ModelCard, cold: list[Turn], tmp_path: Path, redis_server: RedisServer
+) -> None:
+    kvbm = {
+        "host_cache_gb": 2e-5,
+        "disk_cache_dir": str(tmp_path),
+        "disk_cache_gb": 2e-5,
+        "remote_url": redis_server.url,
+    }
+    async with engine(card, kvbm) as eng:
+        tiers = tiers_of(eng)
+        capacities = [tiers.tier(name).capacity_blocks for name in ("host", "disk")]
+        turns = await converse(eng)
+        stats = tiers.stats
+    assert all(c is not None and c < 16 for c in capacities), capacities
+    assert [t for t, _ in turns] == [t for t, _ in cold]  # token for token
+    assert all(cached >= 4 * BLOCK for _, cached in turns[1:]), turns
+    # The oldest blocks had left both small tiers: only the shared store still had them.
+    assert stats["redis"].onboarded_blocks > 0
+    assert sum(stats[name].onboarded_blocks for name in ("host", "disk", "redis")) * BLOCK >= sum(
+        cached for _, cached in turns
+    )
+
+
+async def test_redis_killed_with_requests_in_flight_loses_none(
+    card: ModelCard, redis_server: RedisServer
+) -> None:
+    seeds = (11, 12, 13)
+    async with engine(card, {}) as eng:
+        expected = [[t for t, _ in await converse(eng, seed=s, turns=2)] for s in seeds]
+    async with engine(card, {"remote_url": redis_server.url}) as eng:
+        runs = [asyncio.create_task(converse(eng, seed=s, turns=2)) for s in seeds]
+        while eng.load().active_requests == 0:  # kill it while requests run
+            await asyncio.sleep(0.001)
+        redis_server.kill()
+        got = await asyncio.gather(*runs)
+        stats = tiers_of(eng).stats["redis"]
+    assert [[t for t, _ in turns] for turns in got] == expected
+    assert stats.errors > 0
+
+
 async def test_tier_events_carry_their_medium_and_the_snapshot_has_them(
     card: ModelCard, tmp_path: Path
 ) -> None:
