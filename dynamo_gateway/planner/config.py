@@ -117,6 +117,12 @@ class SlaPolicyConfig(_Strict):
     max_utilisation: float = Field(
         0.8, gt=0, le=1, description="a prefill pool is never planned busier than this"
     )
+    down_window: int = Field(
+        6,
+        ge=1,
+        description="a pool is sized for the largest demand of this many last intervals "
+        "(grows at once, shrinks only when a peak has left the window)",
+    )
 
 
 class PlannerConfig(_Strict):

@@ -5,7 +5,10 @@ request at a time of each input length, ``max_tokens=1``, the time to its
 first output (random token ids, so nothing is cached). Decode: ``batch``
 requests of ``context`` prompt tokens started together; once all of them
 stream, the inter-token latency is what `batch_itl` reads from their token
-times. Progress goes to `say`.
+times. Their prompts are prefilled once beforehand (``max_tokens=1``), so the
+batch finds them cached and starts decoding together: otherwise the first
+requests would finish decoding while the last still prefill, and chunked
+prefill steps would be measured as decode. Progress goes to `say`.
 """
 
 from __future__ import annotations
@@ -94,12 +97,9 @@ async def measure(
     decode: list[DecodePoint] = []
     for context in contexts:
         for batch in batches:
-            stamps = await asyncio.gather(
-                *(
-                    _stamps(engine, _prompt(rng, context, vocab_size), decode_tokens)
-                    for _ in range(batch)
-                )
-            )
+            prompts = [_prompt(rng, context, vocab_size) for _ in range(batch)]
+            await asyncio.gather(*(_prefill_s(engine, p) for p in prompts))  # warm the cache
+            stamps = await asyncio.gather(*(_stamps(engine, p, decode_tokens) for p in prompts))
             decode.append(DecodePoint(batch, context, batch_itl(stamps)))
             itl_ms = 1000 * decode[-1].itl_s
             say(f"decode batch {batch:>4} at context {context:>6}: ITL {itl_ms:7.2f} ms")

@@ -10,7 +10,7 @@ import pytest
 from dynamo_gateway.errors import ConfigError
 from dynamo_gateway.planner.config import load_config
 from dynamo_gateway.planner.observe import Observation, PoolKey, Traffic
-from dynamo_gateway.planner.policies.sla import make_sla_policy, size
+from dynamo_gateway.planner.policies.sla import aggregated_workers, make_sla_policy, size
 from dynamo_gateway.planner.predict import Holt, MovingAverage, make_predictor
 from dynamo_gateway.planner.profile import DecodePoint, Profile
 from dynamo_gateway.protocol.engine import WorkerRole
@@ -124,3 +124,44 @@ def test_the_sla_policy_needs_a_profile() -> None:
     cfg = load_config(None, policy="sla", models=[{"name": "m", "path": "m"}])
     with pytest.raises(ConfigError, match="needs a profile"):
         make_sla_policy(cfg)
+
+
+def test_an_aggregated_pool_is_sized_for_prefill_stalling_decode() -> None:
+    n, u, itl = aggregated_workers(PROFILE, 10, 1024, 100, ttft_s=1.0, itl_s=0.021,
+                                   max_utilisation=0.8)  # fmt: skip
+    assert itl <= 0.021 and u == pytest.approx(10 * PROFILE.prefill_s(1024) / n)
+    # One worker fewer misses a target: its prefills stall decoding too long.
+    fewer = aggregated_workers(PROFILE, 10, 1024, 100, 1.0, 0.021 * 0.999, 0.8)[0]
+    assert fewer >= n
+    # Prefill stalls count: the plain sum of separate prefill and decode pools is not enough
+    # once a prefill takes a fifth of every second.
+    s = size(PROFILE, 10, 1024, 100, 1.0, 0.021, 0.8)
+    assert n >= math.ceil(s.prefill + s.decode)
+    assert aggregated_workers(PROFILE, 20, 1024, 100, 1.0, 0.021, 0.8)[0] > n
+    assert aggregated_workers(PROFILE, 10, 1024, 100, 1.0, 0.012, 0.8)[0] > n
+    assert aggregated_workers(PROFILE, 0, 1024, 100, 1.0, 0.021, 0.8) == (0, 0.0, 0.0)
+
+
+def test_a_pool_shrinks_only_when_its_peak_leaves_the_window(tmp_path: Path) -> None:
+    path = tmp_path / "profile.json"
+    PROFILE.save(path)
+    cfg = load_config(
+        None, policy="sla", sla={"predictor": "constant", "down_window": 3},
+        models=[{"name": "m", "path": "m", "ttft_ms": 1000, "itl_ms": 21, "profile": path,
+                 "pools": {"aggregated": {"min": 1, "max": 64}}}],
+    )  # fmt: skip
+    policy = make_sla_policy(cfg)
+    key = PoolKey("m", WorkerRole.AGGREGATED)
+
+    def at(t: float, rate: float) -> int:
+        traffic = Traffic(seconds=10, requests=10 * rate, input_tokens=10 * rate * 1024,
+                          output_tokens=10 * rate * 100)  # fmt: skip
+        return policy.demand(Observation(t, {}, {"m": traffic}))[key].workers
+
+    high = at(0, 20)
+    assert high > 1
+    seen = [at(10 * i, 2) for i in range(1, 5)]
+    low = seen[-1]
+    assert seen[:2] == [high, high]  # the peak is still in the 3-interval window
+    assert low < high and seen[2] == low  # it left the window: down at once to the need
+    assert at(50, 20) == high  # up again at once
