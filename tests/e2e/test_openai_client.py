@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import httpx
 import openai
@@ -39,8 +39,10 @@ def gateway(tmp_path_factory: pytest.TempPathFactory, demo_model: object) -> Gat
 
 
 @pytest.fixture
-def client(gateway: GatewayProcess) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="unused", max_retries=0)
+def client(gateway: GatewayProcess) -> Iterator[openai.OpenAI]:
+    # Closed after each test: an open client's socket, collected late, fails the run.
+    with openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="unused", max_retries=0) as c:
+        yield c
 
 
 def test_models_lists_served_name(client: openai.OpenAI) -> None:
@@ -285,18 +287,22 @@ def test_api_key_required_when_configured(
     gateway_server: Callable[..., GatewayProcess],
 ) -> None:
     gw = gateway_server("--api-key", "sekret", "--speedup", "100")
-    bad = openai.OpenAI(base_url=f"{gw.url}/v1", api_key="wrong", max_retries=0)
-    with pytest.raises(openai.AuthenticationError) as info:
+    with (
+        openai.OpenAI(base_url=f"{gw.url}/v1", api_key="wrong", max_retries=0) as bad,
+        pytest.raises(openai.AuthenticationError) as info,
+    ):
         bad.models.list()
     assert info.value.status_code == 401
     r = httpx.post(f"{gw.url}/v1/completions", json={"model": "demo", "prompt": "x"})
     assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
-    good = openai.OpenAI(base_url=f"{gw.url}/v1", api_key="sekret", max_retries=0)
-    assert good.completions.create(model="demo", prompt="x", max_tokens=2).choices
+    with openai.OpenAI(base_url=f"{gw.url}/v1", api_key="sekret", max_retries=0) as good:
+        assert good.completions.create(model="demo", prompt="x", max_tokens=2).choices
 
 
 def test_several_models_each_with_its_own_pool(
-    gateway_server: Callable[..., GatewayProcess], demo_model: object
+    gateway_server: Callable[..., GatewayProcess],
+    demo_model: object,
+    request: pytest.FixtureRequest,
 ) -> None:
     gw = gateway_server(
         "--model", str(demo_model), "--served-model-name", "alpha",
@@ -304,6 +310,7 @@ def test_several_models_each_with_its_own_pool(
         "--engine", "mocker", "--workers", "2", "--speedup", "100",
     )  # fmt: skip
     oa = openai.OpenAI(base_url=f"{gw.url}/v1", api_key="x", max_retries=0)
+    request.addfinalizer(oa.close)
     assert sorted(m.id for m in oa.models.list().data) == ["alpha", "beta"]
     for name in ("alpha", "beta"):
         r = oa.chat.completions.create(

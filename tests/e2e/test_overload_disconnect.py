@@ -61,8 +61,8 @@ def test_client_disconnect_frees_engine_slot(
     text = httpx.get(f"{gw.url}/metrics").text
     assert 'status="499"' in text
     # The slot is really free: the next request is served right away.
-    oa = openai.OpenAI(base_url=f"{gw.url}/v1", api_key="x", max_retries=0)
-    assert oa.completions.create(model="demo", prompt="after", max_tokens=2).choices
+    with openai.OpenAI(base_url=f"{gw.url}/v1", api_key="x", max_retries=0) as oa:
+        assert oa.completions.create(model="demo", prompt="after", max_tokens=2).choices
 
 
 def test_non_streaming_disconnect_aborts_request(
@@ -96,8 +96,10 @@ def test_overload_gets_429_with_retry_after_and_recovers(
         assert over.headers["retry-after"] == "1"
         err = over.json()["error"]
         assert err["type"] == "rate_limit_error" and err["code"] == "too_many_requests"
-        oa = openai.OpenAI(base_url=f"{gw.url}/v1", api_key="x", max_retries=0)
-        with pytest.raises(openai.RateLimitError):
+        with (
+            openai.OpenAI(base_url=f"{gw.url}/v1", api_key="x", max_retries=0) as oa,
+            pytest.raises(openai.RateLimitError),
+        ):
             oa.completions.create(model="demo", prompt="x", max_tokens=2)
         for r in held:
             r.close()

@@ -73,8 +73,21 @@ def disaggregated(
     yield from _serve(args, tmp_path_factory.mktemp("disagg"))
 
 
+_clients: list[openai.OpenAI] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_clients() -> Iterator[None]:
+    # An open client's socket, collected late, fails the run with a ResourceWarning.
+    yield
+    while _clients:
+        _clients.pop().close()
+
+
 def _client(gw: GatewayProcess) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{gw.url}/v1", api_key="x", max_retries=0, timeout=120)
+    client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key="x", max_retries=0, timeout=120)
+    _clients.append(client)
+    return client
 
 
 def _chat(question: str) -> list[dict[str, str]]:

@@ -21,9 +21,10 @@ def hf_model(demo_model: Path) -> Iterator[object]:
 
 
 @pytest.fixture
-def client(gateway_server: Callable[..., GatewayProcess]) -> openai.OpenAI:
+def client(gateway_server: Callable[..., GatewayProcess]) -> Iterator[openai.OpenAI]:
     gw = gateway_server("--engine", "reference", "--workers", "1", "--device", "cpu")
-    return openai.OpenAI(base_url=f"{gw.url}/v1", api_key="x", max_retries=0)
+    with openai.OpenAI(base_url=f"{gw.url}/v1", api_key="x", max_retries=0) as c:
+        yield c
 
 
 def _hf_greedy(model: object, prompt: list[int], n: int) -> list[int]:
