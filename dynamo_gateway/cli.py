@@ -233,6 +233,20 @@ def _add_frontend_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-inflight", type=int, help="admission limit; beyond it 429")
     p.add_argument("--max-body-bytes", type=int, help="larger request bodies get 413")
     p.add_argument("--server", choices=["hypercorn", "uvicorn"], help="ASGI server")
+    p.add_argument(
+        "--stream-interval",
+        type=int,
+        help="tokens per streamed event (default 1: one event per token)",
+    )
+    p.add_argument(
+        "--tool-call-parser",
+        help="how the models write tool calls: hermes, llama3_json, mistral, pythonic, "
+        "qwen3_coder, or a plugin's (default: recognised from the chat template)",
+    )
+    p.add_argument(
+        "--reasoning-parser",
+        help="reasoning markers to split off as reasoning_content: deepseek_r1, qwen3, ...",
+    )
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -356,6 +370,9 @@ _SETTINGS_MAP: dict[str, tuple[str, ...]] = {
     "max_inflight": ("frontend", "max_inflight"),
     "max_body_bytes": ("frontend", "max_body_bytes"),
     "server": ("frontend", "server"),
+    "stream_interval": ("frontend", "stream_interval"),
+    "tool_call_parser": ("frontend", "tool_call_parser"),
+    "reasoning_parser": ("frontend", "reasoning_parser"),
     "engine": ("engine",),
     "max_model_len": ("max_model_len",),
     "workers": ("workers",),

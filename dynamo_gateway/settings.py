@@ -43,6 +43,18 @@ class FrontendSettings(BaseModel):
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="larger bodies get 413")
     retry_after_s: int = Field(1, ge=0, description="Retry-After on 429/503")
     server: Literal["hypercorn", "uvicorn"] = "hypercorn"
+    stream_interval: int = Field(
+        1,
+        ge=1,
+        description="tokens per streamed event: 1 sends one event per token (the default); "
+        "more coalesces, like vLLM's --stream-interval",
+    )
+    tool_call_parser: str | None = Field(
+        None, description="tool-call format of the models' output (default: from the template)"
+    )
+    reasoning_parser: str | None = Field(
+        None, description="reasoning markers of the models' output (default: none)"
+    )
 
 
 class CacheSettings(BaseModel):
@@ -262,6 +274,9 @@ class KvRouterSettings(BaseModel):
         ge=0,
         description="if the cheapest worker has this many more active blocks than the least "
         "loaded one, route by load instead (None: off, Dynamo's cost alone)",
+    )
+    seed: int | None = Field(
+        None, description="seeds tie-breaks and sampling (None: random): reproducible replays"
     )
 
 

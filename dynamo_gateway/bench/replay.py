@@ -369,7 +369,8 @@ def _settings(config: ReplayConfig, model: Path, requests: Sequence[TraceRequest
         "log_level": "warning",
         "mocker": {"speedup": config.speedup},
         "kvbm": config.kvbm,
-        "kv_router": config.kv_router,
+        # Tie-breaks seeded: the same replay routes the same way every time.
+        "kv_router": {"seed": config.seed, **config.kv_router},
         "frontend": {"max_inflight": 1 << 20, "max_body_bytes": 64 * 1024 * 1024},
     }
     settings = load_settings(**overrides, cache=cache) if cache else load_settings(**overrides)

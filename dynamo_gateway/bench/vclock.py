@@ -9,12 +9,13 @@ mocker's step times, the planner's intervals, a worker's start-up delay) keeps
 its meaning, and an hour of simulated traffic costs only the CPU its work takes.
 
 NOTE on what takes no simulated time: computation on the loop, and work handed
-to the loop's executor (``asyncio.to_thread``: tokenising a long prompt). While
-executor jobs run the loop waits for them in real time with its clock stopped, so
-a thread finishing late never lets simulated timers overtake it. That is the
-model of a replay: the engines' costs are simulated, the gateway's own CPU time
-is not charged. Real sockets still work (they are polled), but a peer in another
-process runs on real time, so a virtual-clock run must keep its parts in-process.
+to the loop's executor (``asyncio.to_thread``: tokenising a long prompt), which
+runs inline, at once: threads would finish in whatever order the machine lets
+them, and a replay must make the same decisions every time. That is the model of
+a replay: the engines' costs are simulated, the gateway's own CPU time is not
+charged. (So executor work must not wait for the loop; nothing in a replay does.)
+Real sockets still work (they are polled), but a peer in another process runs on
+real time, so a virtual-clock run must keep its parts in-process.
 
 `run(coro)` runs a coroutine on such a loop, with `dynamo_gateway.clock.now`
 reading the virtual clock meanwhile.
@@ -34,7 +35,8 @@ __all__ = ["VirtualClockLoop", "run"]
 
 T = TypeVar("T")
 
-# How long the loop blocks in real time while executor jobs run, between checks.
+# With nothing scheduled, how long the loop waits in real time for another thread
+# or process to wake it, between checks.
 _THREAD_WAIT_S = 0.05
 
 
@@ -46,10 +48,6 @@ class _VirtualSelector(selectors.DefaultSelector):
     def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
         loop = self.loop
         assert loop is not None
-        if loop.executor_jobs:
-            # A thread is working for the loop: wait for it in real time, clock stopped.
-            wait = _THREAD_WAIT_S if timeout is None else min(timeout, _THREAD_WAIT_S)
-            return list(super().select(wait))
         ready = list(super().select(0))
         if ready or timeout is None or timeout <= 0:
             if not ready and timeout is None:
@@ -69,7 +67,6 @@ class VirtualClockLoop(asyncio.SelectorEventLoop):
         super().__init__(selector)
         selector.loop = self
         self._now = 0.0
-        self.executor_jobs = 0  # executor jobs submitted and not yet finished
 
     def time(self) -> float:
         return self._now
@@ -82,13 +79,11 @@ class VirtualClockLoop(asyncio.SelectorEventLoop):
     def run_in_executor(  # type: ignore[override]
         self, executor: Executor | None, func: Callable[..., T], *args: Any
     ) -> asyncio.Future[T]:
-        future = super().run_in_executor(executor, func, *args)
-        self.executor_jobs += 1
-
-        def done(_: asyncio.Future[T]) -> None:
-            self.executor_jobs -= 1
-
-        future.add_done_callback(done)
+        future: asyncio.Future[T] = self.create_future()
+        try:
+            future.set_result(func(*args))
+        except BaseException as exc:  # delivered to the awaiting coroutine
+            future.set_exception(exc)
         return future
 
 

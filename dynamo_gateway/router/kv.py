@@ -208,7 +208,7 @@ class KvRouter(RouterBase):
         self.load = LoadTracker(block_size)
         self.sessions = SessionAffinity(self.settings.session_ttl_s, clock=clock)
         self._clock = clock
-        self._rng = rng or random.Random()
+        self._rng = rng or random.Random(self.settings.seed)
         # The last decision, so `on_routed` (called right after `select`) reuses it.
         self._last: tuple[str, list[int], dict[str, int]] | None = None
         # Approximate mode: (worker, block hash) -> expiry, oldest first.

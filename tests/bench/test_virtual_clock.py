@@ -52,7 +52,7 @@ def test_timers_fire_in_order_at_their_simulated_times() -> None:
     assert [t for _, t in seen] == pytest.approx([0.1, 0.2, 0.25, 0.3, 10.3])
 
 
-def test_thread_work_takes_no_simulated_time_and_is_never_overtaken() -> None:
+def test_executor_work_runs_inline_and_takes_no_simulated_time() -> None:
     async def main() -> tuple[float, list[str]]:
         loop = asyncio.get_running_loop()
         order: list[str] = []
@@ -173,6 +173,18 @@ def test_a_virtual_replay_makes_the_live_replays_decisions(
     # 36 s of trace: the live run took them in real time, the virtual one did not.
     assert lv["real_s"] >= 30
     assert virtual_real_s < lv["real_s"] / 3
+
+
+def test_a_virtual_replay_is_deterministic(
+    step_trace: Path, demo_model: Path, tmp_path: Path
+) -> None:
+    planner = tmp_path / "planner.toml"
+    planner.write_text(PLANNER)
+    runs = [_scaled(step_trace, demo_model, planner, virtual=True) for _ in range(2)]
+    first, second = ([(p["ttft_ms"], p["e2e_ms"], p["cached_tokens"]) for p in r.per_request]
+                     for r in runs)  # fmt: skip
+    assert first == second
+    assert runs[0].summary["planner"]["decisions"] == runs[1].summary["planner"]["decisions"]
 
 
 def test_cli_virtual_replay_with_a_planner(
