@@ -35,7 +35,9 @@ if TYPE_CHECKING:
         KvTransportRegister,
         PlannerConnectorRegister,
         PlannerPolicyRegister,
+        ReasoningParserRegister,
         RouterRegister,
+        ToolParserRegister,
     )
 
 PROJECT = "dynamo_gateway"
@@ -159,6 +161,43 @@ def dynamo_gateway_register_planner_policies(register: PlannerPolicyRegister) ->
         each pool to the workers it should have. It must be pure of I/O (time
         comes in the observation); limits, cool-down and the global budget are
         applied after it by the planner.
+
+    All implementations are called; results are ignored.
+    """
+
+
+@hookspec
+def dynamo_gateway_register_tool_parsers(register: ToolParserRegister) -> None:
+    """Register tool-call parsers, which find the calls in a model's output text.
+
+    :param register: ``register(name, factory, description="")`` where
+        ``factory(tools: list[dict] | None) -> ToolParser`` builds a parser
+        (`dynamo_gateway.parsers.base`) for one request, given the request's
+        OpenAI ``tools`` array (parsers that type arguments from the schemas
+        need it). The parser's ``parse(text)`` returns the content and the
+        ``ToolCall`` list; ``stream()`` returns a ``ToolStream`` whose
+        ``feed(delta)`` and ``finish()`` return ``ContentDelta``,
+        ``ToolCallStart`` and ``ToolArgumentsDelta`` pieces that add up to
+        exactly what ``parse`` returns. Parsers are pure (no I/O) and must never
+        raise on malformed model output: what is not a call is content.
+
+    All implementations are called; results are ignored.
+    """
+
+
+@hookspec
+def dynamo_gateway_register_reasoning_parsers(register: ReasoningParserRegister) -> None:
+    """Register reasoning parsers, which split a model's thinking from its answer.
+
+    :param register: ``register(name, factory, description="")`` where
+        ``factory() -> ReasoningParser`` builds a parser
+        (`dynamo_gateway.parsers.base`) for one request. Its ``parse(text)``
+        returns ``(reasoning or None, content)``; ``stream()`` returns a
+        ``ReasoningStream`` whose ``feed(delta)`` and ``finish()`` return
+        ``("reasoning" | "content", text)`` pieces that add up to what
+        ``parse`` returns; ``end_marker`` is the text that ends the reasoning,
+        after which a structured-output constraint applies. Pure, and never
+        raises on model output.
 
     All implementations are called; results are ignored.
     """

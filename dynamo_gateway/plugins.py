@@ -35,6 +35,7 @@ DEFAULT_PLUGINS: tuple[tuple[str, str], ...] = (
     ("dynamo_gateway.default_plugins.transports", "builtin.transports"),
     ("dynamo_gateway.default_plugins.tiers", "builtin.tiers"),
     ("dynamo_gateway.default_plugins.planner", "builtin.planner"),
+    ("dynamo_gateway.default_plugins.parsers", "builtin.parsers"),
 )
 
 # hook name -> Registry attribute it fills
@@ -47,6 +48,8 @@ REGISTRATION_HOOKS: dict[str, str] = {
     "dynamo_gateway_register_event_planes": "event_planes",
     "dynamo_gateway_register_planner_connectors": "planner_connectors",
     "dynamo_gateway_register_planner_policies": "planner_policies",
+    "dynamo_gateway_register_tool_parsers": "tool_parsers",
+    "dynamo_gateway_register_reasoning_parsers": "reasoning_parsers",
 }
 
 

@@ -18,6 +18,7 @@ from dynamo_gateway.router.base import RouterFactory
 if TYPE_CHECKING:
     from dynamo_gateway.disagg.transport import KvTransportFactory
     from dynamo_gateway.kvbm.tier import CacheTierFactory
+    from dynamo_gateway.parsers.base import ReasoningParserFactory, ToolParserFactory
     from dynamo_gateway.planner.connector import ConnectorFactory
     from dynamo_gateway.planner.policy import PolicyFactory
 
@@ -42,6 +43,8 @@ DiscoveryRegister = Register[ComponentFactory]
 EventPlaneRegister = Register[ComponentFactory]
 PlannerConnectorRegister = Register["ConnectorFactory"]
 PlannerPolicyRegister = Register["PolicyFactory"]
+ToolParserRegister = Register["ToolParserFactory"]
+ReasoningParserRegister = Register["ReasoningParserFactory"]
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,10 @@ class Registry:
     planner_policies: Family[PolicyFactory] = field(
         default_factory=lambda: Family("planner policy")
     )
+    tool_parsers: Family[ToolParserFactory] = field(default_factory=lambda: Family("tool parser"))
+    reasoning_parsers: Family[ReasoningParserFactory] = field(
+        default_factory=lambda: Family("reasoning parser")
+    )
 
     def families(self) -> dict[str, Family[Any]]:
         return {
@@ -124,6 +131,8 @@ class Registry:
             "event_planes": self.event_planes,
             "planner_connectors": self.planner_connectors,
             "planner_policies": self.planner_policies,
+            "tool_parsers": self.tool_parsers,
+            "reasoning_parsers": self.reasoning_parsers,
         }
 
     def provided_by(self, plugin: str) -> dict[str, list[str]]:

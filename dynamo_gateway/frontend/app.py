@@ -17,7 +17,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import msgspec
 from prometheus_client import generate_latest
@@ -50,13 +50,27 @@ from dynamo_gateway.frontend.http import (
     read_body,
 )
 from dynamo_gateway.frontend.metrics import FrontendMetrics, counter, gauge
-from dynamo_gateway.frontend.preparation import Prepared, prepare_chat, prepare_completion
-from dynamo_gateway.protocol.openai import ChatCompletionRequest, CompletionRequest, decode_request
+from dynamo_gateway.frontend.preparation import (
+    OutputParsers,
+    Prepared,
+    prepare_chat,
+    prepare_completion,
+)
+from dynamo_gateway.frontend.responses import ResponseBuilder
+from dynamo_gateway.protocol.openai import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    decode_body,
+    decode_request,
+)
+from dynamo_gateway.protocol.responses import ResponsesRequest, to_chat
 from dynamo_gateway.runtime.pool import ModelManager
 from dynamo_gateway.settings import Settings
 
 if TYPE_CHECKING:
     from dynamo_gateway.runtime.local import LocalFleet
+
+Endpoint = Literal["chat", "completions", "responses"]
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +143,13 @@ class Gateway:
         self.metrics.add_collector(self._worker_metrics)
         self.started = int(time.time())
         self.fleet: LocalFleet | None = None  # the embedded gateway's in-process workers
+        self.parsers = OutputParsers(
+            manager.registry, fe.tool_call_parser, fe.reasoning_parser
+        )  # fmt: skip
+        if fe.tool_call_parser is not None:
+            manager.registry.tool_parsers.get(fe.tool_call_parser)  # unknown: fail at start
+        if fe.reasoning_parser is not None:
+            manager.registry.reasoning_parsers.get(fe.reasoning_parser)
 
     def _worker_metrics(self) -> Iterable[Metric]:
         workers = gauge("workers", "Live workers, by model and role", ["model", "role"])
@@ -194,13 +215,15 @@ class Gateway:
     # -- generation endpoints --------------------------------------------------
 
     async def chat_completions(self, request: Request) -> Response:
-        return await self._generate(request, chat=True)
+        return await self._generate(request, "chat")
 
     async def completions(self, request: Request) -> Response:
-        return await self._generate(request, chat=False)
+        return await self._generate(request, "completions")
 
-    async def _generate(self, request: Request, *, chat: bool) -> Response:
-        endpoint = "chat" if chat else "completions"
+    async def responses(self, request: Request) -> Response:
+        return await self._generate(request, "responses")
+
+    async def _generate(self, request: Request, endpoint: Endpoint) -> Response:
         model = "-"
         ticket: Ticket | None = None
         watcher: DisconnectWatcher | None = None
@@ -209,43 +232,56 @@ class Gateway:
             self.keys.check(request)
             ticket = self.admission.enter()
             body = await read_body(request, self.settings.frontend.max_body_bytes)
-            req: ChatCompletionRequest | CompletionRequest = (
-                decode_request(body, ChatCompletionRequest)
-                if chat
-                else decode_request(body, CompletionRequest)
-            )
-            model = req.model
-            pool = self.manager.get(req.model)
             session = request.headers.get("x-session-id")
-            prep: Prepared = await (
-                prepare_chat(pool, req, session)  # type: ignore[arg-type]
-                if chat
-                else prepare_completion(pool, req, session)  # type: ignore[arg-type]
-            )
+            responses_req: ResponsesRequest | None = None
+            if endpoint == "completions":
+                text_req = decode_request(body, CompletionRequest)
+                model = text_req.model
+                pool = self.manager.get(model)
+                prep: Prepared = await prepare_completion(pool, text_req, session)
+            else:
+                if endpoint == "responses":
+                    responses_req = decode_body(body, ResponsesRequest)
+                    chat_req = to_chat(responses_req)
+                else:
+                    chat_req = decode_request(body, ChatCompletionRequest)
+                model = chat_req.model
+                pool = self.manager.get(model)
+                prep = await prepare_chat(pool, chat_req, session, self.parsers)
             if not pool.workers:
                 raise UnavailableError(f"no live worker serves model {model!r}", retry_after=1)
+            prep.stream_interval = self.settings.frontend.stream_interval
             watcher = DisconnectWatcher(request.receive)
             watcher.start()
             mm = self.metrics.model(model)
             mm.inflight.inc()
+            builder = (
+                ResponseBuilder(responses_req, prep, mm) if responses_req is not None else None
+            )
             if prep.stream:
                 prepared = prep
 
                 async def produce(emit: Callable[[bytes], Awaitable[None]]) -> None:
-                    await stream_response(prepared, mm, emit)
+                    if builder is not None:
+                        await builder.stream(emit)
+                    else:
+                        await stream_response(prepared, mm, emit)
 
                 admitted = ticket
 
-                def on_close(disconnected: bool) -> None:
+                def on_close(disconnected: bool, status: int) -> None:
                     mm.inflight.dec()
                     admitted.release()
-                    status = CLIENT_CLOSED if disconnected else 200
+                    status = CLIENT_CLOSED if disconnected else status
                     self.metrics.requests.labels(model, endpoint, str(status)).inc()
 
                 handed_off = True
                 return SSEResponse(produce, watcher, on_close)
             try:
-                result = await complete_response(prep, mm)
+                if builder is not None:
+                    result = await builder.complete()
+                else:
+                    result = await complete_response(prep, mm)
             finally:
                 mm.inflight.dec()
             self.metrics.requests.labels(model, endpoint, "200").inc()
@@ -338,6 +374,7 @@ class GatewayApp:
         self._fast: dict[str, Callable[[Request], Awaitable[Response]]] = {
             "/v1/chat/completions": gateway.chat_completions,
             "/v1/completions": gateway.completions,
+            "/v1/responses": gateway.responses,
         }
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -364,6 +401,7 @@ def build_app(gateway: Gateway) -> GatewayApp:
     routes = [
         Route("/v1/chat/completions", gateway.chat_completions, methods=["POST"]),
         Route("/v1/completions", gateway.completions, methods=["POST"]),
+        Route("/v1/responses", gateway.responses, methods=["POST"]),
         Route("/v1/models", gateway.models, methods=["GET"]),
         Route("/health", gateway.health, methods=["GET"]),
         Route("/live", gateway.live, methods=["GET"]),

@@ -12,6 +12,8 @@ from typing import Any
 
 import msgspec
 
+from dynamo_gateway.frontend.shaping import ReasoningDelta, Shaped
+from dynamo_gateway.parsers import ContentDelta, ToolArgumentsDelta, ToolCallStart
 from dynamo_gateway.protocol.engine import TokenLogprob
 
 _enc = msgspec.json.encode
@@ -90,10 +92,51 @@ class ChunkEncoder:
         choice["finish_reason"] = finish_reason
         return sse(self._envelope([choice]))
 
+    def delta(self, index: int, delta: dict[str, Any], *, first: bool = False) -> bytes:
+        """A chat chunk with any `delta` (reasoning, tool calls)."""
+        if first:
+            delta = {"role": "assistant", **delta}
+        choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": None}
+        return sse(self._envelope([choice]))
+
     def usage(self, usage: dict[str, Any]) -> bytes:
         body = self._envelope([])
         body["usage"] = usage
         return sse(body)
+
+
+def delta_of(
+    piece: ReasoningDelta | ContentDelta | ToolCallStart | ToolArgumentsDelta,
+) -> dict[str, Any]:
+    """A shaped piece of output as a chat ``delta``."""
+    if isinstance(piece, ReasoningDelta):
+        return {"reasoning_content": piece.text}
+    if isinstance(piece, ContentDelta):
+        return {"content": piece.text}
+    if isinstance(piece, ToolCallStart):
+        call = {"name": piece.name, "arguments": ""}
+        return {
+            "tool_calls": [
+                {"index": piece.index, "id": piece.id, "type": "function", "function": call}
+            ]
+        }
+    return {"tool_calls": [{"index": piece.index, "function": {"arguments": piece.fragment}}]}
+
+
+def message_of(shaped: Shaped, *, reasoning: bool) -> dict[str, Any]:
+    """The assistant message of a shaped, non-streamed output."""
+    message: dict[str, Any] = {
+        "role": "assistant",
+        "content": shaped.content if shaped.content or not shaped.tool_calls else None,
+    }
+    if reasoning:
+        message["reasoning_content"] = shaped.reasoning
+    if shaped.tool_calls:
+        message["tool_calls"] = [
+            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+            for c in shaped.tool_calls
+        ]
+    return message
 
 
 def usage_dict(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:

@@ -1,15 +1,21 @@
 """Running prepared choices against the worker pool and shaping their output.
 
-NOTE on the streaming hot path: per engine output (one or more tokens), the
-work is one detokenizer push, one chunk build (`ChunkEncoder.text`), one ITL
+NOTE on the streaming hot path: per engine output, the work is one
+detokenizer push and one chunk build (`ChunkEncoder.text`) per token, one ITL
 observation and one ASGI send. Engines coalesce tokens while the consumer is
-busy, so a loaded frontend sends fewer, larger chunks instead of falling behind.
+busy; the frontend still sends one SSE event per token (clients read ITL from
+events, agents stream tool arguments), written in one send, unless
+``frontend.stream_interval`` asks for coalesced events.
+
+A request with tools or a reasoning parser routes its text through a `Shaper`
+(`frontend.shaping`), whose pieces become ``reasoning_content``, ``content``
+and ``tool_calls`` deltas; one without keeps the plain text path.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from dynamo_gateway import clock
@@ -19,12 +25,16 @@ from dynamo_gateway.frontend.encoding import (
     DONE,
     ChunkEncoder,
     LogprobFormatter,
+    delta_of,
     error_body,
+    message_of,
     sse,
     usage_dict,
 )
 from dynamo_gateway.frontend.metrics import ModelMetrics
 from dynamo_gateway.frontend.preparation import Choice, Prepared
+from dynamo_gateway.frontend.shaping import Piece, Shaped, Shaper
+from dynamo_gateway.parsers import ContentDelta
 from dynamo_gateway.preprocess import IncrementalDetokenizer
 from dynamo_gateway.protocol.engine import EngineOutput, FinishReason, TokenLogprob
 from dynamo_gateway.runtime.pool import Routed
@@ -51,7 +61,9 @@ class ChoiceRun:
         "logprobs",
         "metrics",
         "prep",
+        "shaper",
         "text_len",
+        "tool_calls",
     )
 
     def __init__(self, prep: Prepared, choice: Choice, metrics: ModelMetrics) -> None:
@@ -69,6 +81,8 @@ class ChoiceRun:
         self.error: EngineError | UnavailableError | None = None
         self.logprobs: list[TokenLogprob] = []
         self.text_len = 0
+        self.shaper: Shaper | None = prep.shape.shaper() if prep.shape is not None else None
+        self.tool_calls = 0  # calls the shaper found (finish_reason "tool_calls")
 
     def _route(self) -> Routed | DisaggRouted:
         c = self.choice
@@ -103,6 +117,10 @@ class ChoiceRun:
         first_text = True
         last = self.prep.started
         perf = clock.now
+        interval = self.prep.stream_interval
+        held: list[str] = []  # text of tokens not sent yet (stream_interval > 1)
+        held_tokens = 0
+        shaper = self.shaper
         try:
             routed = self._route()
         except (UnavailableError, EngineError) as exc:  # reported in the stream's tail
@@ -121,15 +139,46 @@ class ChoiceRun:
                 n = len(out.token_ids)
                 if n:
                     self.completion_tokens += n
-                    text = detok.push(out.token_ids)
                     if fmt is not None and out.logprobs:
+                        text = detok.push(out.token_ids)
                         lp = fmt.format(out.logprobs, self.text_len)
                         self.text_len += len(text)
                         await emit(enc.rich(index, text, first=first_text, logprobs=lp))
                         first_text = False
-                    elif text:
-                        await emit(enc.text(index, text, first=first_text))
-                        first_text = False
+                    elif shaper is not None:
+                        events = []
+                        for token in out.token_ids:
+                            for chunk in self._shaped(
+                                enc, shaper.feed(detok.push((token,))), first_text
+                            ):
+                                events.append(chunk)
+                                first_text = False
+                        if events:
+                            await emit(b"".join(events))
+                    elif interval == 1 and n == 1:
+                        text = detok.push(out.token_ids)
+                        if text:
+                            await emit(enc.text(index, text, first=first_text))
+                            first_text = False
+                    elif interval == 1:
+                        # Tokens that queued while this consumer was busy: still one event
+                        # per token (clients read ITL from events), written at once.
+                        events = []
+                        for token in out.token_ids:
+                            text = detok.push((token,))
+                            if text:
+                                events.append(enc.text(index, text, first=first_text))
+                                first_text = False
+                        if events:
+                            await emit(b"".join(events))
+                    else:
+                        held.append(detok.push(out.token_ids))
+                        held_tokens += n
+                        if held_tokens >= interval:
+                            text, held, held_tokens = "".join(held), [], 0
+                            if text:
+                                await emit(enc.text(index, text, first=first_text))
+                                first_text = False
                 if (out.finish_reason is not None or detok.stopped) and self._end(out):
                     break
                 out = await anext(outs)
@@ -145,8 +194,92 @@ class ChoiceRun:
             await routed.close()
         if self.error is not None:
             return
+        tail = "".join(held) + ("" if detok.stopped else detok.flush())
+        if shaper is not None:
+            pieces = [*shaper.feed(tail), *shaper.finish()]
+            chunks = self._shaped(enc, pieces, first_text)
+            if chunks:
+                first_text = False
+            self.tool_calls = shaper.calls
+            tail = ""
+            if chunks:
+                await emit(b"".join(chunks))
+        await emit(enc.rich(index, tail, first=first_text, finish_reason=self._finish()))
+
+    def _shaped(self, enc: ChunkEncoder, pieces: list[Piece], first: bool) -> list[bytes]:
+        """One chunk per shaped piece (the first carries the assistant role)."""
+        index = self.choice.index
+        out = []
+        for piece in pieces:
+            if isinstance(piece, ContentDelta):
+                if not piece.text:
+                    continue
+                out.append(enc.text(index, piece.text, first=first))
+            else:
+                out.append(enc.delta(index, delta_of(piece), first=first))
+            first = False
+        return out
+
+    def _finish(self) -> str | None:
+        """The finish reason: a natural end with tool calls is "tool_calls"."""
+        if self.tool_calls and self.finish_reason == "stop":
+            return "tool_calls"
+        return self.finish_reason
+
+    async def pieces(self) -> AsyncIterator[Piece]:
+        """The output as shaped pieces, token by token (the Responses API's stream).
+
+        Raises the request's error (a `ClientError` or `EngineError`) instead of
+        recording it, since there is no chat chunk to carry it.
+        """
+        detok = self.detok
+        shaper = self.shaper
+        last = self.prep.started
+        routed = self._route()
+        try:
+            first = True
+            async for out in routed.outputs:
+                now = clock.now()
+                if first:
+                    first = False
+                    routed.first_token()
+                    self.metrics.ttft.observe(now - last)
+                    if out.cached_tokens is not None:
+                        self.cached_tokens = out.cached_tokens
+                elif out.token_ids:
+                    self.metrics.itl.observe((now - last) / len(out.token_ids))
+                last = now
+                self.completion_tokens += len(out.token_ids)
+                for token in out.token_ids:
+                    text = detok.push((token,))
+                    if text:
+                        for piece in shaper.feed(text) if shaper else [ContentDelta(text)]:
+                            yield piece
+                if (out.finish_reason is not None or detok.stopped) and self._end(out):
+                    break
+            else:
+                self.error = EngineError("the engine stream ended without a finish reason")
+        finally:
+            await routed.close()
+        if self.error is not None:
+            raise self.error
         tail = "" if detok.stopped else detok.flush()
-        await emit(enc.rich(index, tail, first=first_text, finish_reason=self.finish_reason))
+        rest: list[Piece] = []
+        if shaper is not None:
+            rest = [*shaper.feed(tail), *shaper.finish()]
+            self.tool_calls = shaper.calls
+        elif tail:
+            rest = [ContentDelta(tail)]
+        for piece in rest:
+            yield piece
+
+    def shape(self, text: str) -> Shaped | None:
+        """The whole output shaped (non-streaming), or None without a shaper."""
+        if self.shaper is None:
+            return None
+        shaped = self.shaper.shape(text)
+        self.tool_calls = len(shaped.tool_calls)
+        return shaped
 
     async def collect(self) -> tuple[str, list[TokenLogprob]]:
         """Run to the end; the whole text and the logprobs (non-streaming)."""
@@ -193,7 +326,7 @@ def _usage(prep: Prepared, runs: list[ChoiceRun]) -> dict[str, Any]:
     return usage_dict(prep.prompt_tokens, completion, cached)
 
 
-def _account(prep: Prepared, runs: list[ChoiceRun], metrics: ModelMetrics) -> dict[str, Any]:
+def account(prep: Prepared, runs: list[ChoiceRun], metrics: ModelMetrics) -> dict[str, Any]:
     usage = _usage(prep, runs)
     metrics.input_tokens.inc(usage["prompt_tokens"])
     metrics.output_tokens.inc(usage["completion_tokens"])
@@ -217,7 +350,7 @@ async def stream_response(prep: Prepared, metrics: ModelMetrics, emit: Emit) -> 
     failed = next((r.error for r in runs if r.error is not None), None)
     if failed is not None:
         tail += sse(error_body(str(failed), failed.type, code=failed.code))
-    usage = _account(prep, runs, metrics)
+    usage = account(prep, runs, metrics)
     if prep.include_usage:
         tail += enc.usage(usage)
     await emit(tail + DONE)
@@ -262,12 +395,17 @@ async def complete_response(prep: Prepared, metrics: ModelMetrics) -> dict[str, 
     for run, (text, logprobs) in zip(runs, results, strict=True):
         lp = fmt.format(logprobs) if fmt is not None else None
         choice: dict[str, Any] = {"index": run.choice.index}
-        if prep.chat:
+        shaped = run.shape(text)
+        if prep.chat and shaped is not None:
+            choice["message"] = message_of(
+                shaped, reasoning=prep.shape is not None and prep.shape.reasoning is not None
+            )
+        elif prep.chat:
             choice["message"] = {"role": "assistant", "content": text}
         else:
             choice["text"] = text
         choice["logprobs"] = lp
-        choice["finish_reason"] = run.finish_reason or "stop"
+        choice["finish_reason"] = run._finish() or "stop"
         choices.append(choice)
     return {
         "id": prep.response_id,
@@ -275,7 +413,7 @@ async def complete_response(prep: Prepared, metrics: ModelMetrics) -> dict[str, 
         "created": prep.created,
         "model": prep.model,
         "choices": choices,
-        "usage": _account(prep, runs, metrics),
+        "usage": account(prep, runs, metrics),
     }
 
 

@@ -144,7 +144,13 @@ class DisconnectWatcher:
 
 
 class SSEResponse(Response):
-    """Runs a producer that emits SSE chunks; ends quietly if the client leaves."""
+    """Runs a producer that emits SSE chunks; ends quietly if the client leaves.
+
+    The status line goes out with the first chunk: a request the engine refuses
+    (a `ClientError` before any output, e.g. a constraint it cannot honour) still
+    gets its 4xx and an OpenAI error body. A `ClientError` after the first chunk
+    ends the stream with an error event.
+    """
 
     media_type = "text/event-stream"
 
@@ -152,7 +158,7 @@ class SSEResponse(Response):
         self,
         producer: Callable[[Callable[[bytes], Awaitable[None]]], Awaitable[None]],
         watcher: DisconnectWatcher,
-        on_close: Callable[[bool], None],
+        on_close: Callable[[bool, int], None],
     ) -> None:
         self.status_code = 200
         self.background = None
@@ -163,13 +169,29 @@ class SSEResponse(Response):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         disconnected = False
+        started = False
 
         async def emit(chunk: bytes) -> None:
+            nonlocal started
+            if not started:
+                started = True
+                await send(
+                    {"type": "http.response.start", "status": 200, "headers": self.raw_headers}
+                )
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
 
         try:
-            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-            await self._producer(emit)
+            try:
+                await self._producer(emit)
+            except ClientError as exc:
+                if not started:
+                    self.status_code = exc.status
+                    await error_response(exc)(scope, receive, send)
+                    return
+                body = error_body(exc.message, exc.type, param=exc.param, code=exc.code)
+                await emit(b"data: " + msgspec.json.encode(body) + b"\n\n")
+            if not started:
+                await emit(b"")
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except asyncio.CancelledError:
             if not self._watcher.absorb():
@@ -179,4 +201,4 @@ class SSEResponse(Response):
             disconnected = True
         finally:
             self._watcher.stop()
-            self._on_close(disconnected)
+            self._on_close(disconnected, self.status_code)

@@ -9,7 +9,7 @@ end with a default.
 from __future__ import annotations
 
 import enum
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
@@ -31,6 +31,30 @@ class FinishReason(enum.StrEnum):
     ERROR = "error"  # the engine failed this request
 
 
+class Constraint(msgspec.Struct, frozen=True, kw_only=True):
+    """Structured output the engine must produce, in engine-neutral terms.
+
+    The frontend turns `response_format`, vLLM's `guided_*` / `structured_outputs`
+    and `tool_choice` "required" or a named function into one of these; each engine
+    enforces it by constrained decoding, or refuses the request with
+    `InvalidRequestError` (a 400) when it cannot. Kinds and their `spec`:
+
+    - ``json_schema``: a JSON Schema, as JSON text;
+    - ``json_object``: any JSON object (`spec` is empty);
+    - ``regex``: a regular expression the whole output matches;
+    - ``choice``: a JSON array of strings; the output is exactly one of them;
+    - ``grammar``: an EBNF grammar (xgrammar's syntax, GBNF-like, root rule ``root``).
+
+    With `after_token_ids` the output is free until that token sequence has been
+    generated (the end of a reasoning block, e.g. ``</think>``), and constrained
+    from there on.
+    """
+
+    kind: Literal["json_schema", "json_object", "regex", "choice", "grammar"]
+    spec: str = ""
+    after_token_ids: tuple[int, ...] = ()
+
+
 class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
     """How to pick tokens. Defaults mean "greedy, until max_tokens"."""
 
@@ -46,6 +70,10 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
+    # (token id, bias) pairs added to the logits before sampling (OpenAI's logit_bias:
+    # -100 bans a token, +100 all but forces it).
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    constraint: Constraint | None = None
 
 
 class EngineRequest(msgspec.Struct, frozen=True, kw_only=True):

@@ -2,8 +2,10 @@
 
 Types and ranges live in the annotations, so a wrong type or an out-of-range
 value is rejected while decoding, with the JSON path of the offending field.
-Fields the gateway does not act on are ignored, as OpenAI-compatible servers
-commonly do; fields it cannot honour (e.g. ``echo``) are rejected explicitly.
+Unknown fields are rejected too (400 naming the field): a field the gateway
+does not act on must not look accepted. The few OpenAI fields that change
+nothing here (`user`, `metadata`, `store: false`, `service_tier`) are declared
+and accepted; fields it cannot honour (e.g. ``echo``) are refused explicitly.
 """
 
 from __future__ import annotations
@@ -30,22 +32,89 @@ MAX_STOP = 16
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 
 
-class StreamOptions(msgspec.Struct, kw_only=True):
+class _Body(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """A part of a request body: unknown fields are an error, not ignored."""
+
+
+class StreamOptions(_Body, kw_only=True):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's; usage comes at the end here
 
 
-class TextPart(msgspec.Struct, kw_only=True):
+class TextPart(_Body, kw_only=True):
     type: str
     text: str | None = None
 
 
-class ChatMessage(msgspec.Struct, kw_only=True):
+class FunctionCall(_Body, kw_only=True):
+    name: str
+    arguments: str  # a JSON object, as text
+
+
+class ToolCallIn(_Body, kw_only=True):
+    """A tool call of an earlier assistant message, sent back by the client."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ChatMessage(_Body, kw_only=True):
     role: str
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None  # assistant messages
+    tool_call_id: str | None = None  # tool messages: the call this answers
+    reasoning_content: str | None = None  # an earlier answer's reasoning, sent back
 
 
-class _Sampling(msgspec.Struct, kw_only=True):
+class FunctionDef(_Body, kw_only=True):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Body, kw_only=True):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class ToolChoiceFunction(_Body, kw_only=True):
+    name: str
+
+
+class NamedToolChoice(_Body, kw_only=True):
+    type: Literal["function"]
+    function: ToolChoiceFunction
+
+
+class JsonSchemaFormat(_Body, kw_only=True):
+    name: str = "output"
+    description: str | None = None
+    schema: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ResponseFormat(_Body, kw_only=True):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputs(_Body, kw_only=True):
+    """vLLM's `structured_outputs` (exactly one of these)."""
+
+    json: dict[str, Any] | str | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+
+Bias = Annotated[float, Meta(ge=-100.0, le=100.0)]
+
+
+class _Sampling(_Body, kw_only=True):
     """Fields shared by chat and text completions."""
 
     model: str
@@ -64,7 +133,19 @@ class _Sampling(msgspec.Struct, kw_only=True):
     repetition_penalty: RepetitionPenalty | None = None
     ignore_eos: bool = False
     min_tokens: NonNegInt = 0
+    logit_bias: dict[str, Bias] | None = None  # token id (as a string) -> bias
+    response_format: ResponseFormat | None = None
+    # vLLM's structured-output fields (the older `guided_*` and the newer object).
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    structured_outputs: StructuredOutputs | None = None
+    # Accepted, nothing to do: they describe the caller or ask for no side effect.
     user: str | None = None
+    metadata: dict[str, str] | None = None
+    store: bool = False
+    service_tier: Literal["auto", "default"] | None = None
 
 
 class ChatCompletionRequest(_Sampling, kw_only=True):
@@ -72,6 +153,9 @@ class ChatCompletionRequest(_Sampling, kw_only=True):
     max_completion_tokens: PositiveInt | None = None
     logprobs: bool = False
     top_logprobs: TopLogprobs | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
 
 
 class CompletionRequest(_Sampling, kw_only=True):
@@ -88,26 +172,41 @@ Endpoint = Literal["chat", "completions"]
 R = TypeVar("R", bound=_Sampling)
 
 _PATH = re.compile(r"at `\$\.?([^`]*)`")
+_UNKNOWN = re.compile(r"Object contains unknown field `([^`]*)`")
 
 
 def decode_request(body: bytes, kind: type[R]) -> R:
     """Decode and validate a request body, or raise InvalidRequestError (400)."""
+    req = decode_body(body, kind)
+    check_request(req)
+    return req
+
+
+B = TypeVar("B", bound=msgspec.Struct)
+
+
+def decode_body(body: bytes, kind: type[B]) -> B:
+    """Decode a JSON body into `kind` (types and ranges checked), or InvalidRequestError."""
     try:
-        req = msgspec.json.decode(body, type=kind)
+        return msgspec.json.decode(body, type=kind)
     except msgspec.ValidationError as exc:
         message = str(exc)
         match = _PATH.search(message)
         param = match.group(1) if match else None
+        unknown = _UNKNOWN.search(message)
+        if unknown is not None:
+            field = f"{param}.{unknown[1]}" if param else unknown[1]
+            message = f"Unrecognized request argument supplied: {field} (not supported here)"
+            param = field
         raise InvalidRequestError(message, param=param or None) from None
     except msgspec.DecodeError as exc:
         raise InvalidRequestError(
             f"We could not parse the JSON body of your request: {exc}", code="invalid_json"
         ) from None
-    _check_common(req)
-    return req
 
 
-def _check_common(req: _Sampling) -> None:
+def check_request(req: _Sampling) -> None:
+    """What decoding alone does not check (stop lists, tool_choice vs tools, roles, ...)."""
     if not req.model:
         raise InvalidRequestError("`model` must not be empty", param="model")
     stops = stop_strings(req)
@@ -119,6 +218,16 @@ def _check_common(req: _Sampling) -> None:
         raise InvalidRequestError(
             "`stream_options` is only allowed when `stream` is true", param="stream_options"
         )
+    if req.store:
+        raise InvalidRequestError(
+            "`store: true` is not supported: this gateway keeps no completions", param="store"
+        )
+    if req.logit_bias:
+        for key in req.logit_bias:
+            if not key.isdigit():
+                raise InvalidRequestError(
+                    f"logit_bias keys are token ids; {key!r} is not one", param="logit_bias"
+                )
     if isinstance(req, ChatCompletionRequest):
         _check_chat(req)
     elif isinstance(req, CompletionRequest):
@@ -146,6 +255,32 @@ def _check_chat(req: ChatCompletionRequest) -> None:
         raise InvalidRequestError(
             "`top_logprobs` requires `logprobs` to be true", param="top_logprobs"
         )
+    names = [t.function.name for t in req.tools or ()]
+    if len(set(names)) != len(names):
+        raise InvalidRequestError("two tools share a name", param="tools")
+    choice = req.tool_choice
+    if choice is not None and choice != "none" and not names:
+        raise InvalidRequestError(
+            f"tool_choice {_choice_name(choice)!r} needs `tools`", param="tool_choice"
+        )
+    if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+        raise InvalidRequestError(
+            f"tool_choice names {choice.function.name!r}, which is not one of the tools",
+            param="tool_choice",
+        )
+    for i, message in enumerate(req.messages):
+        if message.role == "tool" and not message.tool_call_id:
+            raise InvalidRequestError(
+                "a tool message needs `tool_call_id`", param=f"messages[{i}].tool_call_id"
+            )
+        if message.tool_calls and message.role != "assistant":
+            raise InvalidRequestError(
+                "only assistant messages carry `tool_calls`", param=f"messages[{i}].tool_calls"
+            )
+
+
+def _choice_name(choice: str | NamedToolChoice) -> str:
+    return choice if isinstance(choice, str) else choice.function.name
 
 
 def _check_completion(req: CompletionRequest) -> None:

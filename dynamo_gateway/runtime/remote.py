@@ -23,7 +23,13 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from dynamo_gateway.errors import ConfigError, EngineError, WorkerLostError
+from dynamo_gateway.errors import (
+    ClientError,
+    ConfigError,
+    EngineError,
+    InvalidRequestError,
+    WorkerLostError,
+)
 from dynamo_gateway.protocol.engine import EngineOutput, EngineRequest, LoadMetrics
 from dynamo_gateway.protocol.kv_events import KvSnapshot
 from dynamo_gateway.router.base import WorkerView
@@ -117,6 +123,18 @@ class _Stream:
         self._conn.streams.pop(self.id, None)
 
 
+def _failure(worker_id: str, frame: Fail) -> Exception:
+    """The error a `Fail` frame stands for: the worker refused the request (the client's
+    4xx, as the engine raised it), it may be resumed elsewhere, or it failed."""
+    if frame.client_status is not None:
+        error: ClientError = InvalidRequestError(frame.message, param=frame.param)
+        error.status = frame.client_status
+        return error
+    if frame.retryable:
+        return WorkerLostError(f"worker {worker_id}: {frame.message}")
+    return EngineError(f"worker {worker_id}: {frame.message}")
+
+
 def _merge(first: EngineOutput, rest: collections.deque[EngineOutput]) -> EngineOutput:
     """`first` plus the deltas queued behind it, as one delta."""
     tokens = list(first.token_ids)
@@ -164,8 +182,7 @@ class _ClientConnection(FrameConnection):
             elif isinstance(frame, Fail):
                 stream = streams.pop(frame.stream, None)
                 if stream is not None:
-                    cls = WorkerLostError if frame.retryable else EngineError
-                    stream.fail(cls(f"worker {self.worker_id}: {frame.message}"))
+                    stream.fail(_failure(self.worker_id, frame))
             elif isinstance(frame, Reply):
                 future = self._rpcs.pop(frame.stream, None)
                 if future is not None and not future.done():

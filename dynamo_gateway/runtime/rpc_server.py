@@ -26,7 +26,7 @@ import logging
 from typing import Any
 
 from dynamo_gateway.engines.base import Engine
-from dynamo_gateway.errors import EngineError
+from dynamo_gateway.errors import ClientError, EngineError
 from dynamo_gateway.protocol.engine import FinishReason
 from dynamo_gateway.runtime.framing import FrameConnection
 from dynamo_gateway.runtime.wire import (
@@ -186,6 +186,8 @@ class _ServerConnection(FrameConnection):
         except EngineError as exc:
             # An engine that stopped or failed as a whole: another worker may do better.
             self.send(Fail(stream, str(exc), retryable=server.stopping))
+        except ClientError as exc:  # the request itself is wrong for this engine
+            self.send(Fail(stream, exc.message, client_status=exc.status, param=exc.param))
         except asyncio.CancelledError:
             pass  # Cancel frame or lost connection: nobody is waiting for an answer
         except Exception as exc:  # a bug in the engine; the stream, not the worker, ends

@@ -50,6 +50,10 @@ class Fail(msgspec.Struct, tag=5, array_like=True):
     # True when the request never ran to a result here and may be resent elsewhere
     # (the worker is draining, shutting down, or lost its engine).
     retryable: bool = False
+    # The engine refused the request itself (a `ClientError`: e.g. a constraint it
+    # cannot honour): its HTTP status and `param`, so the client gets that 4xx.
+    client_status: int | None = None
+    param: str | None = None
 
 
 class Reply(msgspec.Struct, tag=6, array_like=True):
