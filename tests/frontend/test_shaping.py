@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from dynamo_gateway.frontend.shaping import ShapeSpec, Shaped, gather
+from dynamo_gateway.frontend.shaping import Shaped, ShapeSpec, gather
 from dynamo_gateway.parsers.hermes import HermesToolParser
 from dynamo_gateway.parsers.reasoning import qwen3
 
@@ -41,7 +41,8 @@ def test_required_output_is_a_list_of_calls_sent_as_each_closes() -> None:
     text = '[{"name": "a", "arguments": {"x": "}]"}}, {"name": "b", "arguments": {}}]'
     for shaped in split_everywhere(s, text):
         assert [(c.name, json.loads(c.arguments)) for c in shaped.tool_calls] == [
-            ("a", {"x": "}]"}), ("b", {}),
+            ("a", {"x": "}]"}),
+            ("b", {}),
         ]
     shaper = s.shaper()
     first = shaper.feed(text[:40])  # the first element has closed, the second has not
@@ -50,10 +51,11 @@ def test_required_output_is_a_list_of_calls_sent_as_each_closes() -> None:
 
 
 def test_auto_uses_the_parser_after_reasoning() -> None:
-    s = spec(tool_mode="parse", tool_parser=lambda tools: HermesToolParser(),
-             reasoning=qwen3)  # fmt: skip
-    text = ('<think>The user wants weather.</think>Let me check.\n'
-            '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>')
+    s = spec(tool_mode="parse", tool_parser=lambda tools: HermesToolParser(), reasoning=qwen3)
+    text = (
+        "<think>The user wants weather.</think>Let me check.\n"
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    )
     for shaped in split_everywhere(s, text):
         assert shaped.reasoning == "The user wants weather."
         assert shaped.content == "Let me check."

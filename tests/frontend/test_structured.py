@@ -24,8 +24,17 @@ def chat(**fields: Any) -> ChatCompletionRequest:
     ("fields", "kind", "spec", "param"),
     [
         ({"response_format": {"type": "json_object"}}, "json_object", "", "response_format"),
-        ({"response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": SCHEMA}}},
-         "json_schema", SCHEMA, "response_format"),
+        (
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "n", "schema": SCHEMA},
+                }
+            },
+            "json_schema",
+            SCHEMA,
+            "response_format",
+        ),
         ({"guided_json": SCHEMA}, "json_schema", SCHEMA, "guided_json"),
         ({"guided_json": json.dumps(SCHEMA)}, "json_schema", SCHEMA, "guided_json"),
         ({"guided_regex": "[a-z]+"}, "regex", "[a-z]+", "guided_regex"),
@@ -34,7 +43,7 @@ def chat(**fields: Any) -> ChatCompletionRequest:
         ({"structured_outputs": {"regex": "b+"}}, "regex", "b+", "structured_outputs"),
         ({"structured_outputs": {"json_object": True}}, "json_object", "", "structured_outputs"),
     ],
-)  # fmt: skip
+)
 def test_each_field_becomes_one_constraint(
     fields: dict[str, Any], kind: str, spec: Any, param: str
 ) -> None:
@@ -91,8 +100,12 @@ def test_required_constrains_a_list_of_calls_of_the_tools() -> None:
     schema = json.loads(tool_constraint(req.tools, None, parallel=True).spec)
     ok = [{"name": "get_weather", "arguments": {"x": 1}}, {"name": "now", "arguments": {}}]
     jsonschema.validate(ok, schema)
-    for bad in ([], [{"name": "get_weather", "arguments": {}}], [{"name": "other", "arguments": {}}],
-                [{"name": "now"}]):  # fmt: skip
+    for bad in (
+        [],
+        [{"name": "get_weather", "arguments": {}}],
+        [{"name": "other", "arguments": {}}],
+        [{"name": "now"}],
+    ):
         with pytest.raises(jsonschema.ValidationError):
             jsonschema.validate(bad, schema)
     single = json.loads(tool_constraint(req.tools, None, parallel=False).spec)

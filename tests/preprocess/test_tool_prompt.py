@@ -8,9 +8,14 @@ from typing import Any
 from dynamo_gateway.parsers.hermes import HermesToolParser
 from dynamo_gateway.preprocess.tool_prompt import messages_for_template, template_knows_tools
 
-TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
-CALL = {"id": "call_1", "type": "function",
-        "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}  # fmt: skip
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+]
+CALL = {
+    "id": "call_1",
+    "type": "function",
+    "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+}
 LOOP: list[dict[str, Any]] = [
     {"role": "system", "content": "Be brief."},
     {"role": "user", "content": "Weather in Paris?"},
@@ -45,8 +50,12 @@ def test_without_template_support_the_conversation_carries_the_tools_in_hermes_f
 
 
 def test_consecutive_tool_results_share_one_user_turn_and_no_system_is_made_up() -> None:
-    loop = [LOOP[1], {**LOOP[2], "tool_calls": [CALL, {**CALL, "id": "call_2"}]},
-            {**LOOP[3]}, {**LOOP[3], "tool_call_id": "call_2", "content": "warm"}]  # fmt: skip
+    loop = [
+        LOOP[1],
+        {**LOOP[2], "tool_calls": [CALL, {**CALL, "id": "call_2"}]},
+        {**LOOP[3]},
+        {**LOOP[3], "tool_call_id": "call_2", "content": "warm"},
+    ]
     messages, _ = messages_for_template(loop, TOOLS, native=False)
     assert [m["role"] for m in messages] == ["system", "user", "assistant", "user"]
     assert messages[2]["content"].count("<tool_call>") == 2

@@ -29,10 +29,16 @@ def test_items_of_a_tool_loop_become_chat_messages() -> None:
         {"type": "function_call", "call_id": "c2", "name": "w", "arguments": '{"city":"Rome"}'},
         {"type": "function_call_output", "call_id": "c1", "output": "sunny"},
         {"type": "function_call_output", "call_id": "c2", "output": "rain"},
-        {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "ok"}]},
+        {
+            "type": "message",
+            "role": "assistant",
+            "content": [{"type": "output_text", "text": "ok"}],
+        },
     ]
     tools = [{"type": "function", "name": "w", "parameters": {"type": "object"}}]
-    chat = to_chat(responses(input=items, tools=tools, tool_choice={"type": "function", "name": "w"}))
+    chat = to_chat(
+        responses(input=items, tools=tools, tool_choice={"type": "function", "name": "w"})
+    )
     roles = [m.role for m in chat.messages]
     assert roles == ["user", "assistant", "tool", "tool", "assistant"]
     assert [c.id for c in chat.messages[1].tool_calls or ()] == ["c1", "c2"]  # one turn, two calls
