@@ -139,13 +139,17 @@ def plot(rows: list[dict[str, Any]], path: Path, bin_s: float) -> None:
     load.step([i * bin_s / 60 for i in range(bins)], [c / bin_s for c in counts], where="post")
     load.set_ylabel("requests / s")
     load.set_title("daily-like swing of the conversation trace")
+    styles = iter(["dotted", "dashed", "dashdot", (0, (1, 4))])
     for row in rows:
+        ratio = row.get("worker_seconds_vs_baseline")
+        label = row["label"] + (f" ({ratio:.2f}x worker-s)" if ratio is not None else "")
         if "timeline" in row:
             xs = [t / 60 for t, *_ in row["timeline"]]
             ys = [live + starting for _, live, starting, _ in row["timeline"]]
-            workers.step(xs, ys, where="post", label=f"{row['label']}")
+            workers.step(xs, ys, where="post", label=label)
         else:
-            workers.hlines(row["max_workers"], 0, end / 60, linestyles="dashed", label=row["label"])
+            workers.hlines(row["max_workers"], 0, end / 60, colors="gray",
+                           linestyles=next(styles, "dashed"), label=label)  # fmt: skip
     workers.set_xlabel("trace time (min)")
     workers.set_ylabel("workers (live + starting)")
     workers.legend(fontsize=8)
@@ -180,7 +184,11 @@ def main() -> int:
     p.add_argument("--json", type=Path)
     p.add_argument("--plot", type=Path)
     p.add_argument("--progress", action="store_true")
+    p.add_argument("--replot", type=Path, help="only draw --plot from an earlier --json")
     args = p.parse_args()
+    if args.replot is not None:
+        plot(json.loads(args.replot.read_text())["runs"], args.plot, bin_s=60.0)
+        return 0
 
     rows = [json.loads(line) for line in args.trace.read_text().splitlines() if line.strip()]
     work = Path(tempfile.mkdtemp(prefix="planner-swing-"))
