@@ -105,7 +105,7 @@ def run(label: str, trace: Path, args: argparse.Namespace, **kw: Any) -> dict[st
         "ttft_ms": s["ttft_ms"],
         "tpot_ms": s["tpot_ms"],
         "real_s": time.perf_counter() - started,
-        "arrivals_s": [p["arrival_ms"] / 1000 for p in result.per_request],
+        "arrivals_s": [round(p["arrival_ms"] / 1000, 3) for p in result.per_request],
     }
     if "planner" in s:
         row["max_workers"] = s["planner"]["max_workers"]
@@ -130,7 +130,7 @@ def plot(rows: list[dict[str, Any]], path: Path, bin_s: float) -> None:
     import matplotlib.pyplot as plt
 
     fig, (load, workers) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
-    arrivals = rows[0]["arrivals_s"]
+    arrivals = next(r["arrivals_s"] for r in rows if "arrivals_s" in r)
     end = max(arrivals)
     bins = int(end // bin_s) + 1
     counts = [0] * bins
@@ -234,6 +234,8 @@ def main() -> int:
 
 
 def _save(args: argparse.Namespace, results: list[dict[str, Any]], baseline: str | None) -> int:
+    for row in results[1:]:
+        row.pop("arrivals_s", None)  # the same in every run: kept once, for the plot
     out = {
         "trace": str(args.trace),
         "floor": args.floor,
