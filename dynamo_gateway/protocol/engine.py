@@ -9,6 +9,7 @@ end with a default.
 from __future__ import annotations
 
 import enum
+import json
 from typing import Any, Literal
 
 import msgspec
@@ -53,6 +54,11 @@ class Constraint(msgspec.Struct, frozen=True, kw_only=True):
     kind: Literal["json_schema", "json_object", "regex", "choice", "grammar"]
     spec: str = ""
     after_token_ids: tuple[int, ...] = ()
+
+    def choice_grammar(self) -> str:
+        """A ``choice`` constraint as an EBNF grammar (for engines that take grammars)."""
+        choices = dict.fromkeys(json.loads(self.spec))
+        return "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
 
 
 class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):

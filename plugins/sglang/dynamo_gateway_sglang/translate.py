@@ -24,6 +24,7 @@ from typing import Any
 
 from dynamo_gateway.errors import InvalidRequestError
 from dynamo_gateway.protocol.engine import (
+    Constraint,
     EngineOutput,
     EngineRequest,
     FinishReason,
@@ -187,7 +188,32 @@ def sampling_params(
                 param="seed",
             )
         out["sampling_seed"] = params.seed
+    if params.logit_bias:
+        out["logit_bias"] = {str(token): bias for token, bias in params.logit_bias}
+    out.update(constraint_params(params.constraint))
     return out
+
+
+def constraint_params(constraint: Constraint | None) -> dict[str, Any]:
+    """SGLang's structured-output sampling params for our constraint (its grammar
+    backend compiles them: ``json_schema``, ``regex`` or ``ebnf``)."""
+    if constraint is None:
+        return {}
+    if constraint.after_token_ids:
+        raise InvalidRequestError(
+            "the sglang engine cannot start structured output after reasoning; give SGLang "
+            "its own reasoning parser instead of the gateway's",
+            param="response_format",
+        )
+    if constraint.kind == "json_schema":
+        return {"json_schema": constraint.spec}
+    if constraint.kind == "json_object":
+        return {"json_schema": '{"type": "object"}'}
+    if constraint.kind == "regex":
+        return {"regex": constraint.spec}
+    if constraint.kind == "choice":
+        return {"ebnf": constraint.choice_grammar()}
+    return {"ebnf": constraint.spec}
 
 
 # -- outputs ------------------------------------------------------------------------------

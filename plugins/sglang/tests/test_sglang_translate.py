@@ -295,3 +295,23 @@ def test_advertised_host() -> None:
     assert translate.advertised_host(None, "10.1.2.3", "fallback") == "10.1.2.3"
     assert translate.advertised_host(None, "0.0.0.0", "10.9.9.9") == "10.9.9.9"
     assert translate.advertised_host("pf-0.internal", "0.0.0.0", "x") == "pf-0.internal"
+
+
+def test_constraints_and_logit_bias_map_to_sglang_sampling_params() -> None:
+    from dynamo_gateway.protocol.engine import Constraint
+
+    def params(**kw: Any) -> dict[str, Any]:
+        return translate.sampling_params(
+            SamplingParams(max_tokens=8, **kw), max_new_tokens=8, deterministic=False
+        )
+
+    assert params(constraint=Constraint(kind="json_schema", spec="{}"))["json_schema"] == "{}"
+    assert params(constraint=Constraint(kind="regex", spec="a+"))["regex"] == "a+"
+    choice = params(constraint=Constraint(kind="choice", spec='["yes", "no"]'))
+    assert choice["ebnf"] == 'root ::= "yes" | "no"'
+    assert params(constraint=Constraint(kind="grammar", spec='root ::= "x"'))["ebnf"]
+    assert params(constraint=Constraint(kind="json_object"))["json_schema"]
+    assert params(logit_bias=((3, -100.0),))["logit_bias"] == {"3": -100.0}
+    assert not {"json_schema", "regex", "ebnf", "logit_bias"} & set(params())
+    with pytest.raises(InvalidRequestError, match="after reasoning"):
+        params(constraint=Constraint(kind="regex", spec="a", after_token_ids=(5,)))

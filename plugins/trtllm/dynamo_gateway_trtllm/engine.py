@@ -38,6 +38,7 @@ from dynamo_gateway_trtllm.translate import (
     GenerationPlan,
     completion_delta,
     encode_handoff,
+    guided_decoding_kwargs,
     load_from_stats,
     plan_generation,
     sampling_kwargs,
@@ -139,6 +140,10 @@ class TrtllmEngine(LibraryEngine):
             eos_token_ids=self._context.model.eos_token_ids,
             max_logprobs=self._opts.max_logprobs,
         )
+        guided = guided_decoding_kwargs(request.sampling.constraint)
+        if guided is not None:
+            module = importlib.import_module(f"{self._trtllm.__name__}.sampling_params")
+            kw["guided_decoding"] = module.GuidedDecodingParams(**guided)
         disagg = self._disaggregated(plan)
         try:
             result = self._llm.generate_async(

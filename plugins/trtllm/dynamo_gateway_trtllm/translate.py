@@ -20,6 +20,7 @@ from typing import Any
 from dynamo_gateway.disagg.params import DO_REMOTE_PREFILL, wants_remote_decode
 from dynamo_gateway.errors import EngineError, InvalidRequestError
 from dynamo_gateway.protocol.engine import (
+    Constraint,
     EngineOutput,
     EngineRequest,
     FinishReason,
@@ -68,6 +69,28 @@ _HANDOFF_FIELDS = (
 # -- sampling ------------------------------------------------------------------------------
 
 
+def guided_decoding_kwargs(constraint: Constraint | None) -> dict[str, Any] | None:
+    """``tensorrt_llm.sampling_params.GuidedDecodingParams`` keyword arguments for our
+    constraint, or None. The LLM must be built with a guided-decoding backend
+    (``guided_decoding_backend="xgrammar"`` in ``[plugin_config.trtllm]`` llm_args)."""
+    if constraint is None:
+        return None
+    if constraint.after_token_ids:
+        raise InvalidRequestError(
+            "the trtllm engine cannot start structured output after reasoning",
+            param="response_format",
+        )
+    if constraint.kind == "json_schema":
+        return {"json": constraint.spec}
+    if constraint.kind == "json_object":
+        return {"json_object": True}
+    if constraint.kind == "regex":
+        return {"regex": constraint.spec}
+    if constraint.kind == "choice":
+        return {"grammar": constraint.choice_grammar()}
+    return {"grammar": constraint.spec}
+
+
 def sampling_kwargs(
     sampling: SamplingParams,
     *,
@@ -95,6 +118,11 @@ def sampling_kwargs(
     if max_tokens < 1:
         raise InvalidRequestError(
             f"nothing left to generate (max_tokens {sampling.max_tokens})", param="max_tokens"
+        )
+    if sampling.logit_bias:
+        # TensorRT-LLM's LLM API biases logits only through a custom logits processor.
+        raise InvalidRequestError(
+            "the trtllm engine does not support logit_bias", param="logit_bias"
         )
     kw: dict[str, Any] = {"max_tokens": max_tokens, "detokenize": False}
     if sampling.temperature <= GREEDY_TEMPERATURE:

@@ -289,3 +289,24 @@ def test_malformed_handoff_is_a_400() -> None:
         decode_handoff({"do_remote_prefill": True, "trtllm": {"ctx_request_id": 1}})
     with pytest.raises(InvalidRequestError):
         decode_handoff({"do_remote_prefill": True, "trtllm": "x"})
+
+
+def test_constraints_map_to_guided_decoding_and_logit_bias_is_a_400() -> None:
+    from dynamo_gateway_trtllm.translate import guided_decoding_kwargs
+
+    from dynamo_gateway.protocol.engine import Constraint
+
+    assert guided_decoding_kwargs(None) is None
+    assert guided_decoding_kwargs(Constraint(kind="json_schema", spec="{}")) == {"json": "{}"}
+    assert guided_decoding_kwargs(Constraint(kind="json_object")) == {"json_object": True}
+    assert guided_decoding_kwargs(Constraint(kind="regex", spec="a+")) == {"regex": "a+"}
+    assert guided_decoding_kwargs(Constraint(kind="choice", spec='["a"]')) == {
+        "grammar": 'root ::= "a"'
+    }
+    with pytest.raises(InvalidRequestError, match="after reasoning"):
+        guided_decoding_kwargs(Constraint(kind="regex", spec="a", after_token_ids=(1,)))
+    with pytest.raises(InvalidRequestError, match="logit_bias"):
+        sampling_kwargs(
+            SamplingParams(max_tokens=4, logit_bias=((1, 2.0),)), max_tokens=4,
+            eos_token_ids=(2,), max_logprobs=5,
+        )  # fmt: skip

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from dynamo_gateway.engines.base import EngineContext, EngineState
 from dynamo_gateway.engines.library import LibraryEngine
-from dynamo_gateway.errors import EngineError
+from dynamo_gateway.errors import EngineError, InvalidRequestError
 from dynamo_gateway.kv.vllm_events import VllmEventTranslator, VllmZmqSubscriber
 from dynamo_gateway.protocol.engine import (
     EngineOutput,
@@ -192,8 +192,13 @@ class VllmEngine(LibraryEngine):
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
         self._check_running()
+        from vllm.exceptions import VLLMValidationError
         from vllm.inputs import TokensPrompt
-        from vllm.sampling_params import RequestOutputKind, SamplingParams
+        from vllm.sampling_params import (
+            RequestOutputKind,
+            SamplingParams,
+            StructuredOutputsParams,
+        )
 
         prompt, left = translate.prompt_of(request)
         params = request.kv_transfer_params
@@ -209,8 +214,16 @@ class VllmEngine(LibraryEngine):
             max_tokens=left + 1 if prefill else left,
             max_logprobs=self._max_logprobs,
         )
+        structured = translate.structured_outputs_kwargs(request.sampling.constraint)
         extra = None if vllm_params is None else {"kv_transfer_params": vllm_params}
-        sampling = SamplingParams(**kwargs, output_kind=RequestOutputKind.DELTA, extra_args=extra)
+        try:
+            if structured is not None:
+                kwargs["structured_outputs"] = StructuredOutputsParams(**structured)
+            sampling = SamplingParams(
+                **kwargs, output_kind=RequestOutputKind.DELTA, extra_args=extra
+            )
+        except VLLMValidationError as exc:
+            raise InvalidRequestError(f"vLLM refused the request: {exc}") from None
         rid = request.request_id
         stream = self._llm.generate(TokensPrompt(prompt_token_ids=prompt), sampling, rid)
         self._live.add(rid)
@@ -244,6 +257,9 @@ class VllmEngine(LibraryEngine):
             yield EngineOutput(
                 token_ids=[], finish_reason=FinishReason.ERROR, error="the vLLM stream ended"
             )
+        except VLLMValidationError as exc:  # e.g. a schema its grammar backend cannot compile
+            finished = True
+            raise InvalidRequestError(f"vLLM refused the request: {exc}") from None
         finally:
             self._live.discard(rid)
             if not finished:

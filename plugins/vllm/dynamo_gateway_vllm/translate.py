@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 from dynamo_gateway.errors import ConfigError, InvalidRequestError
 from dynamo_gateway.protocol.engine import (
+    Constraint,
     EngineOutput,
     EngineRequest,
     FinishReason,
@@ -170,7 +171,7 @@ def sampling_kwargs(
         )
     if params.top_k < 0:
         raise InvalidRequestError("top_k must be >= 0 (0 disables it)", param="top_k")
-    return {
+    out: dict[str, Any] = {
         "max_tokens": max_tokens,
         "temperature": params.temperature,
         "top_p": params.top_p,
@@ -186,6 +187,37 @@ def sampling_kwargs(
         # The frontend detokenizes and applies stop strings; vLLM returns token ids.
         "detokenize": False,
     }
+    if params.logit_bias:
+        out["logit_bias"] = dict(params.logit_bias)
+    return out
+
+
+def structured_outputs_kwargs(constraint: Constraint | None) -> dict[str, Any] | None:
+    """`vllm.sampling_params.StructuredOutputsParams` keyword arguments for our
+    constraint (vLLM compiles it with its own backend, xgrammar by default), or None.
+
+    A constraint that starts after a reasoning block (``after_token_ids``) is refused:
+    vLLM starts structured output where its own ``--reasoning-parser`` says, which the
+    gateway does not configure.
+    """
+    if constraint is None:
+        return None
+    if constraint.after_token_ids:
+        raise InvalidRequestError(
+            "the vllm engine cannot start structured output after reasoning; serve the "
+            "model without --reasoning-parser, or give vLLM its own (-- --reasoning-parser)",
+            param="response_format",
+        )
+    kind, spec = constraint.kind, constraint.spec
+    if kind == "json_schema":
+        return {"json": spec}
+    if kind == "json_object":
+        return {"json_object": True}
+    if kind == "regex":
+        return {"regex": spec}
+    if kind == "choice":
+        return {"choice": list(json.loads(spec))}
+    return {"grammar": spec}
 
 
 def prompt_of(request: EngineRequest) -> tuple[list[int], int]:

@@ -16,6 +16,7 @@ from dynamo_gateway_vllm import translate
 
 from dynamo_gateway.errors import ConfigError, InvalidRequestError
 from dynamo_gateway.protocol.engine import (
+    Constraint,
     EngineRequest,
     FinishReason,
     SamplingParams,
@@ -98,6 +99,7 @@ def test_sampling_maps_every_field() -> None:
         presence_penalty=0.1,
         frequency_penalty=0.2,
         repetition_penalty=1.1,
+        logit_bias=((5, 1.5),),
     )
     kw = translate.sampling_kwargs(params, max_tokens=49, max_logprobs=20)
     assert kw == {
@@ -113,10 +115,12 @@ def test_sampling_maps_every_field() -> None:
         "presence_penalty": 0.1,
         "frequency_penalty": 0.2,
         "repetition_penalty": 1.1,
+        "logit_bias": {5: 1.5},
         "detokenize": False,
     }
-    # Every field of ours is carried (a new field must be mapped, or rejected, here).
-    assert set(SamplingParams.__struct_fields__) - {"max_tokens"} <= set(kw)
+    # Every field of ours is carried (a new field must be mapped, or rejected, here);
+    # the constraint becomes vLLM's structured_outputs (structured_outputs_kwargs).
+    assert set(SamplingParams.__struct_fields__) - {"max_tokens", "constraint"} <= set(kw)
 
 
 def test_unsupported_sampling_is_a_400() -> None:
@@ -271,3 +275,46 @@ def test_vllm_parses_the_offload_args() -> None:
     ]
     ns = parser.parse_args(argv)
     assert ns.kv_offloading_size == 2.5 and ns.kv_offloading_backend == "native"
+
+
+@pytest.mark.parametrize(
+    ("constraint", "expected"),
+    [
+        (Constraint(kind="json_schema", spec='{"type":"object"}'), {"json": '{"type":"object"}'}),
+        (Constraint(kind="json_object"), {"json_object": True}),
+        (Constraint(kind="regex", spec="[a-z]+"), {"regex": "[a-z]+"}),
+        (Constraint(kind="choice", spec='["yes","no"]'), {"choice": ["yes", "no"]}),
+        (Constraint(kind="grammar", spec='root ::= "a"'), {"grammar": 'root ::= "a"'}),
+    ],
+)
+def test_constraints_map_to_vllm_structured_outputs(
+    constraint: Constraint, expected: dict[str, object]
+) -> None:
+    assert translate.structured_outputs_kwargs(constraint) == expected
+    assert translate.structured_outputs_kwargs(None) is None
+
+
+def test_a_constraint_after_reasoning_is_a_400_and_logit_bias_passes() -> None:
+    with pytest.raises(InvalidRequestError, match="after reasoning"):
+        translate.structured_outputs_kwargs(Constraint(kind="json_object", after_token_ids=(1, 2)))
+    params = SamplingParams(max_tokens=4, logit_bias=((7, -100.0), (9, 5.0)))
+    kwargs = translate.sampling_kwargs(params, max_tokens=4, max_logprobs=20)
+    assert kwargs["logit_bias"] == {7: -100.0, 9: 5.0}
+    assert "logit_bias" not in translate.sampling_kwargs(
+        SamplingParams(max_tokens=4), max_tokens=4, max_logprobs=20
+    )
+
+
+@pytest.mark.vllm
+def test_vllm_accepts_the_structured_outputs_kwargs() -> None:
+    from vllm.sampling_params import SamplingParams as VllmParams
+    from vllm.sampling_params import StructuredOutputsParams
+
+    for constraint in (
+        Constraint(kind="json_schema", spec='{"type":"object"}'),
+        Constraint(kind="choice", spec='["a","b"]'),
+    ):
+        kwargs = translate.structured_outputs_kwargs(constraint)
+        assert kwargs is not None
+        params = VllmParams(max_tokens=4, structured_outputs=StructuredOutputsParams(**kwargs))
+        assert params.structured_outputs is not None
