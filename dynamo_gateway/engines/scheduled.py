@@ -26,14 +26,24 @@ running (`_onboard`). What was onboarded counts as cached (``cached_tokens``);
 what could not be is recomputed. Device blocks go down through the block pool's
 ``on_commit``/``on_evict`` hooks (`_offload_block`), and the tiers' events join
 the worker's KV event stream on the loop.
+
+Structured output and logit bias (`SamplingParams.constraint`, `logit_bias`): an
+engine enforces them only if it says so (`supports_structured_output`,
+`supports_logit_bias`); otherwise a request asking for them is refused with
+`InvalidRequestError` (a 400) before it is queued, never served unconstrained.
+`logit_bias` ids outside the vocabulary are refused the same way. A constraint is
+compiled (`dynamo_gateway.engines.constraints`) in a thread when the request is
+submitted, before it is queued, and `_make_request()` gets the compiled grammar;
+an uncompilable one is a 400 naming the problem. Nothing is compiled per step.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import AsyncIterator
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from dynamo_gateway.disagg.agent import KvTransferAgent
 from dynamo_gateway.disagg.layout import KvLayout
@@ -45,8 +55,9 @@ from dynamo_gateway.disagg.params import (
 )
 from dynamo_gateway.disagg.transport import KvMemory
 from dynamo_gateway.engines.base import EngineBase, EngineContext, EngineState
+from dynamo_gateway.engines.constraints import ConstraintCompiler, compiler_for, constraint_param
 from dynamo_gateway.engines.scheduler import KvEventPublisher, Scheduler, Seq, StepPlan
-from dynamo_gateway.errors import EngineError, KvTransferError
+from dynamo_gateway.errors import EngineError, InvalidRequestError, KvTransferError
 from dynamo_gateway.kv.block_manager import BlockManager, KvSequence
 from dynamo_gateway.kv.hashing import sequence_hashes
 from dynamo_gateway.kvbm.manager import OnboardPlan, TieredCache
@@ -85,6 +96,10 @@ class ScheduledEngine(EngineBase):
     """Request plumbing of a scheduler-driven engine (see the module docstring)."""
 
     kind: ClassVar[str] = "engine"  # names the engine in messages: "mocker engine w0 ..."
+    # Whether the engine enforces SamplingParams.constraint / logit_bias; if not, such
+    # requests are refused (see the module docstring).
+    supports_structured_output: ClassVar[bool] = False
+    supports_logit_bias: ClassVar[bool] = False
 
     def __init__(self, context: EngineContext) -> None:
         self._context = context
@@ -104,6 +119,8 @@ class ScheduledEngine(EngineBase):
         self.local_fallbacks = 0  # decode legs that prefilled here instead of pulling
         # KV tiers below the device cache: set by the subclass's start() (`_attach_tiers`).
         self._tiers: TieredCache | None = None
+        # Built on the first constrained request (it reads the tokenizer).
+        self._constraint_compiler: ConstraintCompiler | None = None
 
     # -- introspection (tests, stats) -------------------------------------------------
 
@@ -150,8 +167,11 @@ class ScheduledEngine(EngineBase):
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
         if self._state is not EngineState.RUNNING or self._loop is None:
             raise EngineError(self._describe())
+        grammar = await self._prepare(request)
+        if self._state is not EngineState.RUNNING:  # stopped while compiling
+            raise EngineError(self._describe())
         tiers = self._tiers
-        req = self._submit(request, enqueue=tiers is None)
+        req = self._submit(request, enqueue=tiers is None, grammar=grammar)
         loop = self._loop
         try:
             if tiers is not None:
@@ -244,11 +264,73 @@ class ScheduledEngine(EngineBase):
 
     # -- for subclasses ---------------------------------------------------------------
 
-    def _make_request(self, request: EngineRequest, tokens: list[int]) -> WaitingSeq:
-        """Build the engine's own request object; `tokens` = prompt + resumed tokens."""
+    def _make_request(self, request: EngineRequest, tokens: list[int], grammar: Any) -> WaitingSeq:
+        """Build the engine's own request object; `tokens` = prompt + resumed tokens;
+        `grammar`: the compiled `sampling.constraint` (None without one)."""
         raise NotImplementedError
 
-    def _submit(self, request: EngineRequest, *, enqueue: bool = True) -> WaitingSeq:
+    def _logits_vocab_size(self) -> int:
+        """Token ids the engine can produce (its logits' width); 0: unknown."""
+        return self._context.model.vocab_size
+
+    async def _prepare(self, request: EngineRequest) -> Any:
+        """Check `logit_bias` and compile the constraint: the compiled grammar or None.
+
+        Raises `InvalidRequestError` for what the engine cannot honour. Returns without
+        yielding to the loop when there is nothing to compile (the common case) or the
+        grammar is cached.
+        """
+        sampling = request.sampling
+        if sampling.logit_bias:
+            self._check_logit_bias(request)
+        constraint = sampling.constraint
+        if constraint is None:
+            return None
+        if not self.supports_structured_output:
+            raise InvalidRequestError(
+                f"the {self.kind} engine does not support structured output "
+                f"({constraint.kind} constraint)",
+                param=constraint_param(constraint.kind),
+            )
+        compiler = self._constraint_compiler
+        if compiler is None:
+            compiler = await asyncio.to_thread(self._build_constraint_compiler)
+            self._constraint_compiler = compiler
+        grammar = compiler.cached(constraint)
+        if grammar is None:
+            grammar = await asyncio.to_thread(compiler.compile, constraint)
+        return grammar
+
+    def _build_constraint_compiler(self) -> ConstraintCompiler:
+        """Runs in a thread: the model's `ConstraintCompiler` (shared per process)."""
+        model = self._context.model
+        return compiler_for(
+            model.path,
+            vocab_size=self._logits_vocab_size(),
+            stop_token_ids=model.eos_token_ids,
+        )
+
+    def _check_logit_bias(self, request: EngineRequest) -> None:
+        if not self.supports_logit_bias:
+            raise InvalidRequestError(
+                f"the {self.kind} engine does not support logit_bias", param="logit_bias"
+            )
+        vocab = self._logits_vocab_size()
+        for token_id, bias in request.sampling.logit_bias:
+            if token_id < 0 or (vocab and token_id >= vocab):
+                limit = f" (0..{vocab - 1})" if vocab else ""
+                raise InvalidRequestError(
+                    f"logit_bias names token id {token_id}, outside the vocabulary{limit}",
+                    param="logit_bias",
+                )
+            if not math.isfinite(bias):
+                raise InvalidRequestError(
+                    f"logit_bias of token id {token_id} is not a finite number", param="logit_bias"
+                )
+
+    def _submit(
+        self, request: EngineRequest, *, enqueue: bool = True, grammar: Any = None
+    ) -> WaitingSeq:
         sched = self._sched
         assert sched is not None
         rid = request.request_id
@@ -258,7 +340,7 @@ class ScheduledEngine(EngineBase):
         tokens.extend(request.resumed_token_ids)
         if not tokens:
             raise EngineError(f"request {rid!r} has an empty prompt")
-        req = self._make_request(request, tokens)
+        req = self._make_request(request, tokens, grammar)
         if request.kv_transfer_params:
             self._take_transfer_params(request, req)
         if enqueue:

@@ -73,8 +73,10 @@ Capabilities
 is skipped with ``"<engine> does not declare <field>"``. ``deterministic_greedy``
 (temperature 0 gives the same tokens whatever else runs and however the stream
 is read) turns on the token-for-token comparisons; ``prefix_caching``,
-``logprobs``, ``stop_token_ids``, ``eos``, ``kv_events``, ``kv_snapshot`` and
-``disagg`` turn on their own tests. An engine whose greedy tokens may change
+``logprobs``, ``stop_token_ids``, ``eos``, ``kv_events``, ``kv_snapshot``,
+``disagg``, ``structured_output`` and ``logit_bias`` turn on their own tests
+(the last two also decide what is checked when they are off: that the engine
+refuses such requests instead of ignoring them). An engine whose greedy tokens may change
 with the batch at a near-tie (vLLM on CPU) sets ``greedy_tie_nats``: two runs
 may then part where their tokens' logprobs are that close, checked by a probe
 request with ``logprobs`` (`same_greedy`).
@@ -111,7 +113,18 @@ an int on the first, ``logprobs`` only when asked for.
   (equal to their solo runs, greedy);
 - disaggregation: the prefill leg (``{"do_remote_decode": true}``) ends with
   ``length`` and hands back ``kv_transfer_params``; the decode leg given them
-  yields the rest of the aggregated greedy run.
+  yields the rest of the aggregated greedy run;
+- structured output (`SamplingParams.constraint`): a JSON schema's output (nested
+  object, array, enum, bounded integer, patterned string, all required) parses
+  and validates against the schema (``jsonschema``), a regex's matches it whole,
+  a choice's is one of the choices, each ending with ``stop``; a schema that is not
+  even JSON raises `InvalidRequestError`;
+- ``logit_bias`` (greedy): -100 on every token of a free run keeps them all out,
+  +100 on one token makes every token that one; an id outside the vocabulary
+  raises `InvalidRequestError`;
+- an engine that does not declare ``structured_output`` (``logit_bias``) raises
+  `InvalidRequestError` for a request with a constraint (a bias) rather than
+  ignoring it.
 
 What `GatewayConformance` checks (the frontend's side of the contract, where
 stop strings, usage and ``n`` live) is listed in its docstring.
@@ -120,6 +133,8 @@ stop strings, usage and ``n`` live) is listed in its docstring.
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Any, cast
 
@@ -128,9 +143,11 @@ import pytest_asyncio
 
 from dynamo_gateway.disagg.params import decode_leg, prefill_leg
 from dynamo_gateway.engines.base import EngineState
+from dynamo_gateway.errors import InvalidRequestError
 from dynamo_gateway.kv.hashing import sequence_hashes
 from dynamo_gateway.plugins import Plugins
 from dynamo_gateway.protocol.engine import (
+    Constraint,
     EngineOutput,
     EngineRequest,
     FinishReason,
@@ -186,6 +203,27 @@ def check_stream(outputs: Sequence[EngineOutput], *, logprobs: bool = False) -> 
             assert not out.logprobs, f"logprobs nobody asked for: {out}"
 
 
+#: The structured-output tests' schema: nested, an array, an enum, all required, and
+#: bounded (a patterned string, a bounded integer, few items), so that any engine ends
+#: it within `STRUCTURED_MAX_TOKENS` tokens whatever its model prefers.
+CONFORMANCE_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "pattern": "^[a-z]{1,8}$"},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "color": {"enum": ["red", "green", "blue"]},
+        "flags": {"type": "array", "items": {"type": "boolean"}, "maxItems": 3},
+        "inner": {
+            "type": "object",
+            "properties": {"ok": {"type": "boolean"}},
+            "required": ["ok"],
+        },
+    },
+    "required": ["name", "age", "color", "flags", "inner"],
+}
+STRUCTURED_MAX_TOKENS = 256
+
+
 def greedy(request_id: str, prompt: list[int], max_tokens: int, **sampling: Any) -> EngineRequest:
     """A greedy request that runs to `max_tokens` unless told otherwise."""
     sampling.setdefault("ignore_eos", True)
@@ -200,6 +238,24 @@ async def run(
         outputs = await collect(running.engine, request)
     check_stream(outputs, logprobs=logprobs)
     return outputs
+
+
+def decode(running: RunningEngine, tokens: list[int]) -> str:
+    """The text of `tokens` (special tokens dropped), with the model's own tokenizer."""
+    from dynamo_gateway.preprocess.tokenizer import Tokenizer
+
+    return Tokenizer.from_dir(running.card.path).decode(tokens)
+
+
+async def refused(running: RunningEngine, request: EngineRequest) -> InvalidRequestError:
+    """The `InvalidRequestError` that `generate(request)` raises (fails if it serves it)."""
+    async with asyncio.timeout(running.spec.timeout_s):
+        try:
+            outputs = await collect(running.engine, request)
+        except InvalidRequestError as exc:
+            assert exc.message, "an InvalidRequestError without a message"
+            return exc
+    raise AssertionError(f"served instead of refused: {tokens_of(outputs)}, {outputs[-1]}")
 
 
 async def same_greedy(
@@ -562,6 +618,93 @@ class EngineConformance:
             for i, (p, n) in enumerate(zip(prompts, lengths, strict=True)):
                 alone = await run(engine_under_test, greedy(f"concurrent-alone-{i}", p, n))
                 await same_greedy(engine_under_test, p, tokens_of(alone), tokens_of(results[i]))
+        await engine_under_test.settled_load()
+
+    # -- structured output and logit bias -------------------------------------------------
+
+    async def _constrained(
+        self, running: RunningEngine, tag: str, constraint: Constraint
+    ) -> tuple[str, list[EngineOutput]]:
+        prompt = running.prompt(tag, 16)
+        request = greedy(tag, prompt, STRUCTURED_MAX_TOKENS, constraint=constraint)
+        outputs = await run(running, request)
+        return decode(running, tokens_of(outputs)), outputs
+
+    async def test_json_schema_output_validates(self, engine_under_test: RunningEngine) -> None:
+        require(engine_under_test.spec, "structured_output")
+        jsonschema = pytest.importorskip("jsonschema")
+        constraint = Constraint(kind="json_schema", spec=json.dumps(CONFORMANCE_SCHEMA))
+        for i in range(2):
+            text, outputs = await self._constrained(engine_under_test, f"schema-{i}", constraint)
+            assert outputs[-1].finish_reason is FinishReason.STOP, text
+            jsonschema.validate(json.loads(text), CONFORMANCE_SCHEMA)
+        await engine_under_test.settled_load()
+
+    async def test_regex_and_choice_hold(self, engine_under_test: RunningEngine) -> None:
+        require(engine_under_test.spec, "structured_output")
+        pattern = r"(yes|no)-[0-9]{3}"
+        text, outputs = await self._constrained(
+            engine_under_test, "regex", Constraint(kind="regex", spec=pattern)
+        )
+        assert outputs[-1].finish_reason is FinishReason.STOP, text
+        assert re.fullmatch(pattern, text), text
+        choices = ["red", "green", "blue", "not sure"]
+        text, outputs = await self._constrained(
+            engine_under_test, "choice", Constraint(kind="choice", spec=json.dumps(choices))
+        )
+        assert outputs[-1].finish_reason is FinishReason.STOP, text
+        assert text in choices
+
+    async def test_uncompilable_schema_is_refused(self, engine_under_test: RunningEngine) -> None:
+        require(engine_under_test.spec, "structured_output")
+        prompt = engine_under_test.prompt("bad-schema", 8)
+        for i, spec in enumerate(['{"type": "object", "properties": ', '{"type": "objekt"}']):
+            bad = Constraint(kind="json_schema", spec=spec)
+            await refused(engine_under_test, greedy(f"bad-schema-{i}", prompt, 8, constraint=bad))
+        await engine_under_test.engine.check_health()
+        await engine_under_test.settled_load()
+
+    async def test_logit_bias_bans_and_forces(self, engine_under_test: RunningEngine) -> None:
+        require(engine_under_test.spec, "logit_bias")
+        n = 8
+        prompt = engine_under_test.prompt("bias", 16)
+        free = tokens_of(await run(engine_under_test, greedy("bias-free", prompt, n)))
+        banned = sorted(set(free))
+        outputs = await run(
+            engine_under_test,
+            greedy("bias-ban", prompt, n, logit_bias=tuple((t, -100.0) for t in banned)),
+        )
+        got = tokens_of(outputs)
+        assert len(got) == n and not set(got) & set(banned), (free, got)
+        forced = free[-1]
+        outputs = await run(
+            engine_under_test, greedy("bias-force", prompt, n, logit_bias=((forced, 100.0),))
+        )
+        assert tokens_of(outputs) == [forced] * n
+        vocab = engine_under_test.card.vocab_size
+        if vocab:
+            outside = greedy("bias-outside", prompt, n, logit_bias=((vocab + 7, 1.0),))
+            exc = await refused(engine_under_test, outside)
+            assert str(vocab + 7) in exc.message
+
+    async def test_undeclared_features_are_refused(self, engine_under_test: RunningEngine) -> None:
+        caps = engine_under_test.capabilities
+        if caps.structured_output and caps.logit_bias:
+            pytest.skip(f"{engine_under_test.spec.engine_name} declares both")
+        prompt = engine_under_test.prompt("undeclared", 8)
+        if not caps.structured_output:
+            for constraint in (
+                Constraint(kind="json_object"),
+                Constraint(kind="regex", spec="a+"),
+                Constraint(kind="choice", spec='["a"]'),
+            ):
+                rid = f"undeclared-{constraint.kind}"
+                await refused(engine_under_test, greedy(rid, prompt, 4, constraint=constraint))
+        if not caps.logit_bias:
+            token = prompt[0]
+            request = greedy("undeclared-bias", prompt, 4, logit_bias=((token, -100.0),))
+            await refused(engine_under_test, request)
+        await engine_under_test.engine.check_health()
         await engine_under_test.settled_load()
 
     # -- disaggregation ------------------------------------------------------------------

@@ -87,6 +87,14 @@ class Capabilities:
     kv_snapshot: bool = False
     # Prefill and decode roles: the legs of docs/disaggregation.md.
     disagg: bool = False
+    # SamplingParams.constraint is enforced (json_schema, json_object, regex, choice,
+    # grammar): the output matches and the request ends with STOP when it is complete;
+    # an uncompilable one is refused with InvalidRequestError. Without it, the engine
+    # must refuse every constrained request with InvalidRequestError.
+    structured_output: bool = False
+    # SamplingParams.logit_bias is applied: -100 bans a token, +100 forces it (greedy).
+    # Without it, the engine must refuse a request with a logit_bias.
+    logit_bias: bool = False
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,8 @@ def engine_spec(demo_model: Path) -> EngineSpec:
             kv_events=True,
             kv_snapshot=True,
             disagg=True,
+            structured_output=True,
+            logit_bias=True,
         ),
         plugins=[],
     )

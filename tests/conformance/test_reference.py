@@ -30,6 +30,8 @@ def engine_spec(demo_model: Path) -> EngineSpec:
             kv_events=True,
             kv_snapshot=True,
             disagg=True,
+            structured_output=True,
+            logit_bias=True,
         ),
         plugins=[],
         # The demo model's random weights reach EOS (id 1) after 10 tokens of this one.

@@ -17,16 +17,23 @@ engine). A shared tier is shared by the mocker workers of one process.
 Generation ends at ``max_tokens`` or at the context window (both
 `FinishReason.LENGTH`); the mocker never emits EOS, so ``ignore_eos``,
 ``min_tokens`` and ``stop_token_ids`` are accepted and have nothing to do.
+
+Structured output and ``logit_bias`` are honoured (`constrained.py`): a request
+with either picks its tokens among those the grammar and the bias allow, still
+one word-stream draw per token (greedy output stays a function of the context),
+steering toward the grammar's end; it ends with STOP right after the token that
+completes the grammar. Requests without them take the plain path.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import cast
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 from dynamo_gateway.disagg.layout import KvLayout
 from dynamo_gateway.engines.base import EngineContext, EngineState
+from dynamo_gateway.engines.mocker.constrained import Picker, token_classes
 from dynamo_gateway.engines.mocker.text import TokenStream, WordSource, load_word_source
 from dynamo_gateway.engines.mocker.timing import TimingModel
 from dynamo_gateway.engines.scheduled import ScheduledEngine, WaitingSeq
@@ -39,7 +46,10 @@ from dynamo_gateway.kvbm.policy import parse_offload_policy
 from dynamo_gateway.kvbm.record import namespace_of
 from dynamo_gateway.kvbm.tier import CacheTier
 from dynamo_gateway.kvbm.tiers.sim import SimTier
-from dynamo_gateway.protocol.engine import EngineRequest
+from dynamo_gateway.protocol.engine import EngineRequest, FinishReason
+
+if TYPE_CHECKING:
+    from dynamo_gateway.engines.constraints import ConstraintCompiler
 
 __all__ = ["MockerEngine"]
 
@@ -63,9 +73,10 @@ GIB = 1 << 30
 
 
 class _Request(WaitingSeq):
-    """One request: the scheduler's `Seq` plus its word stream."""
+    """One request: the scheduler's `Seq` plus its word stream (and its `Picker` when
+    it has a logit bias or a constraint)."""
 
-    __slots__ = ("stream", "top_k")
+    __slots__ = ("picker", "stream", "top_k")
 
     def __init__(
         self,
@@ -74,16 +85,20 @@ class _Request(WaitingSeq):
         remaining: int,
         stream: TokenStream,
         top_k: int | None,
+        picker: Picker | None = None,
     ) -> None:
         super().__init__(request_id, tokens, remaining, logprobs=top_k is not None)
         self.stream = stream
         self.top_k = top_k  # None: no logprobs
+        self.picker = picker
 
 
 class MockerEngine(ScheduledEngine):
     """A simulated engine for one worker; `MockerEngine(context)` is an `EngineFactory`."""
 
     kind = "mocker"
+    supports_structured_output: ClassVar[bool] = True
+    supports_logit_bias: ClassVar[bool] = True
 
     def __init__(self, context: EngineContext) -> None:
         super().__init__(context)
@@ -219,22 +234,44 @@ class MockerEngine(ScheduledEngine):
         self._blocks.clear()
         self._events.publish(self._blocks.drain_events())
 
-    def _make_request(self, request: EngineRequest, tokens: list[int]) -> _Request:
+    def _build_constraint_compiler(self) -> ConstraintCompiler:
+        compiler = super()._build_constraint_compiler()
+        token_classes(compiler)  # O(vocabulary): here in the thread, not on the loop
+        return compiler
+
+    def _make_request(self, request: EngineRequest, tokens: list[int], grammar: Any) -> _Request:
         assert self._words is not None
         sampling = request.sampling
         stream = self._words.stream(
             request.prompt_token_ids, temperature=sampling.temperature, seed=sampling.seed
         )
+        picker: Picker | None = None
+        if grammar is not None or sampling.logit_bias:
+            matcher = classes = None
+            compiler = self._constraint_compiler
+            if grammar is not None and compiler is not None and sampling.constraint is not None:
+                matcher = compiler.matcher(
+                    grammar, after_token_ids=sampling.constraint.after_token_ids
+                )
+                classes = token_classes(compiler)
+            picker = Picker(sampling, self._words, matcher=matcher, classes=classes)
         # Tokens generated elsewhere (a prefill worker, a lost worker) were this
         # stream's first words: carry on after them, as one engine would have.
-        for _ in request.resumed_token_ids:
-            stream.next()
+        if picker is None:
+            for _ in request.resumed_token_ids:
+                stream.next()
+        else:
+            for token in request.resumed_token_ids:
+                picker.replay(stream, token)
+            if picker.error is not None:
+                raise EngineError(f"request {request.request_id!r}: resumed tokens: {picker.error}")
         return _Request(
             request.request_id,
             tokens,
             sampling.max_tokens - len(request.resumed_token_ids),
             stream,
             sampling.logprobs,
+            picker,
         )
 
     # -- the step loop ----------------------------------------------------------------
@@ -276,12 +313,23 @@ class MockerEngine(ScheduledEngine):
         """Draw a word for every sampling request and apply the step."""
         sampled: list[int] = []
         append = sampled.append
+        stops: list[FinishReason | None] | None = None  # only when a grammar ends
         # Every Seq this engine schedules is a _Request (a cast, not a check per token).
         for req in cast("list[_Request]", plan.sampling):
             if req.status is not _RUNNING:
                 append(0)  # aborted while the step ran: complete() drops it
                 continue
-            if req.top_k is None:
+            picker = req.picker
+            if picker is not None:
+                token, logprob, ends = picker.next(req.stream, req.top_k)
+                append(token)
+                if req.logprobs is not None and logprob is not None:
+                    req.logprobs.append(logprob)
+                if ends:  # the grammar is done (a picker only picks what it allows)
+                    if stops is None:
+                        stops = [None] * len(plan.sampling)
+                    stops[len(sampled) - 1] = FinishReason.STOP
+            elif req.top_k is None:
                 append(req.stream.next())
             else:
                 token, logprob = req.stream.next_with_logprob(req.top_k)
@@ -292,4 +340,4 @@ class MockerEngine(ScheduledEngine):
             # appended the token, so one pass serves both.
             if req.waiter is not None:
                 req.wake()
-        self.scheduler.complete(plan, sampled)
+        self.scheduler.complete(plan, sampled, stops)

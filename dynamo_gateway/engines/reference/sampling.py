@@ -9,13 +9,21 @@ Order of operations per row (OpenAI / vLLM semantics):
 1. penalties on the raw logits: repetition (HF/vLLM style, over prompt + generated
    tokens: positive logits divided, negative multiplied), then frequency
    (`count * penalty`) and presence (`penalty` once) over the generated tokens;
-2. `min_tokens`: every stop id gets `-inf` while fewer than `min_tokens` tokens were
+2. `logit_bias`: each (id, bias) pair added to its logit (OpenAI's; -100 all but bans
+   a token, +100 all but forces it);
+3. `min_tokens`: every stop id gets `-inf` while fewer than `min_tokens` tokens were
    generated (eos is not a stop id under `ignore_eos`, so it is not masked then);
-3. logprobs, when asked, are `log_softmax` of the logits at this point: after penalties
-   and the `min_tokens` mask, before temperature / top-k / top-p (vLLM's default
-   "raw" logprobs, plus the penalties the request asked for);
-4. temperature `<= GREEDY_TEMPERATURE`: argmax (ties go to the lowest id);
-5. otherwise divide by the temperature, keep the top-k logits (ties with the k-th
+4. the grammar of a constrained request (`dynamo_gateway.engines.constraints`): every
+   id its matcher does not allow next gets `-inf`; one bitmask [S, W] for the step,
+   its constrained rows filled by their matchers (`grammar_mask()`, which an engine
+   may run on another thread while the forward pass computes the logits), applied to
+   those rows only;
+5. logprobs, when asked, are `log_softmax` of the logits at this point: after penalties,
+   bias and masks, before temperature / top-k / top-p (vLLM's default "raw" logprobs,
+   plus what the request asked for; a constrained request's logprobs are those of the
+   distribution it was sampled from, tokens the grammar forbids at `-inf`);
+6. temperature `<= GREEDY_TEMPERATURE`: argmax (ties go to the lowest id);
+7. otherwise divide by the temperature, keep the top-k logits (ties with the k-th
    value are kept too), softmax, keep the nucleus (the smallest set of most likely
    tokens whose mass reaches `top_p`, always the top token; ties with the last kept
    probability are kept too), and draw from what is left.
@@ -37,11 +45,14 @@ Cost: greedy rows are one argmax over their sub-batch; sampled rows share one so
 cumsum and searchsorted, plus `topk` for top-k rows and a sort for top-p rows (on the
 CPU a `topk` of `TOP_P_CANDIDATES` first, see there). Penalties are sparse: each
 sequence keeps, incrementally, the distinct tokens they apply to and their generated
-counts on the device, and a step reads and writes only those logits. The host-side
-work per step is O(sequences), plus O(new tokens) for penalised ones.
+counts on the device, and a step reads and writes only those logits; so is the logit
+bias. The host-side work per step is O(sequences), plus O(new tokens) for penalised
+ones. A step none of whose rows has a bias, a penalty, a `min_tokens` mask or a grammar
+does not even copy the logits. A constrained row costs its matcher's bitmask fill (on
+the host: microseconds) and one masked pass over its row.
 
-Logprobs are plain floats and may be `-inf` (a token masked by `min_tokens`, or asked
-for among more alternatives than there are possible tokens).
+Logprobs are plain floats and may be `-inf` (a token masked by `min_tokens` or a
+grammar, or asked for among more alternatives than there are possible tokens).
 """
 
 from __future__ import annotations
@@ -49,12 +60,18 @@ from __future__ import annotations
 import math
 import secrets
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
+from dynamo_gateway.engines.constraints import (
+    ConstraintMatcher,
+    apply_token_bitmask,
+    fill_bitmasks,
+)
 from dynamo_gateway.protocol.engine import FinishReason, SamplingParams, TokenLogprob
 
-__all__ = ["GREEDY_TEMPERATURE", "TOP_P_CANDIDATES", "Sampler", "SequenceSampler"]
+__all__ = ["GREEDY_TEMPERATURE", "TOP_P_CANDIDATES", "GrammarMask", "Sampler", "SequenceSampler"]
 
 #: Temperatures at or below this are greedy (vLLM's epsilon too): dividing logits by a
 #: smaller number overflows float32, and the distribution is an argmax by then anyway.
@@ -69,15 +86,18 @@ _SEED_MASK = (1 << 64) - 1  # torch seeds are uint64; OpenAI seeds may be negati
 
 
 class SequenceSampler:
-    """Per-request sampling state: seeded generator, tokens generated so far, stop set.
+    """Per-request sampling state: seeded generator, tokens generated so far, stop set,
+    and the request's grammar matcher (`constraint`) when it has one.
 
     The engine calls `record()` with every token it appends to the sequence (the
-    `Sampler` does not record on its own), then `finish_reason()` with the same token.
+    `Sampler` does not record on its own; `record()` feeds the matcher), then
+    `finish_reason()` with the same token.
     """
 
     params: SamplingParams
     stop_ids: frozenset[int]
     generated: list[int]
+    constraint: ConstraintMatcher | None
 
     def __init__(
         self,
@@ -86,8 +106,13 @@ class SequenceSampler:
         eos_token_ids: Sequence[int],
         prompt_token_ids: Sequence[int],
         device: torch.device,
+        constraint: ConstraintMatcher | None = None,
     ) -> None:
         self.params = params
+        self.constraint = constraint
+        # Logit bias as parallel lists (ids, values); ids were checked at submission.
+        self.bias_ids = [t for t, _ in params.logit_bias]
+        self.bias_values = [float(b) for _, b in params.logit_bias]
         self.device = torch.device(device)
         stop = set(params.stop_token_ids)
         if not params.ignore_eos:
@@ -119,16 +144,28 @@ class SequenceSampler:
         self._counted = 0
 
     def record(self, token_id: int) -> None:
-        """Append a token the engine committed to this sequence."""
+        """Append a token the engine committed to this sequence (and feed the grammar)."""
         self.generated.append(token_id)
+        if self.constraint is not None:
+            self.constraint.accept(token_id)
+
+    @property
+    def constrained(self) -> bool:
+        """Whether the grammar masks this sequence's next token."""
+        return self.constraint is not None and self.constraint.constrains
 
     def finish_reason(self, token_id: int, *, max_tokens: int | None = None) -> FinishReason | None:
         """Why the sequence ends with `token_id` (already recorded), or None to go on.
 
         `max_tokens` overrides `params.max_tokens` (the engine passes the remaining
         budget of a resumed request). A stop id cannot be sampled before `min_tokens`
-        tokens exist (it is masked), so it is not checked again here.
+        tokens exist (it is masked), so it is not checked again here. A grammar that
+        is done ends the sequence with STOP whatever else holds (ERROR if the token
+        broke it: `constraint.error`).
         """
+        constraint = self.constraint
+        if constraint is not None and constraint.ended:
+            return FinishReason.ERROR if constraint.error is not None else FinishReason.STOP
         if token_id in self.stop_ids:
             return FinishReason.STOP
         limit = self.params.max_tokens if max_tokens is None else max_tokens
@@ -179,6 +216,15 @@ class SequenceSampler:
         self._ids, self._counts = ids, counts
 
 
+@dataclass(frozen=True, slots=True)
+class GrammarMask:
+    """A step's grammar bitmask: ``bitmask`` [S, W] int32 on the CPU, whose `rows` (the
+    constrained sequences, ascending) are filled; the other rows are never read."""
+
+    bitmask: torch.Tensor
+    rows: list[int]
+
+
 class Sampler:
     """Picks one token per sequence from a step's logits. Stateless but for the
     generator of unseeded requests; one per engine.
@@ -190,12 +236,40 @@ class Sampler:
         self._generator = torch.Generator().manual_seed(
             secrets.randbits(64) if seed is None else seed & _SEED_MASK
         )
+        # The step's grammar bitmask [rows, W] int32 on the CPU, grown as batches grow.
+        self._bitmask: torch.Tensor | None = None
+
+    def grammar_mask(self, seqs: Sequence[SequenceSampler]) -> GrammarMask | None:
+        """The grammar bitmask for a step sampling `seqs` (None: none is constrained).
+
+        Needs no logits: an engine may call it on another thread while the forward pass
+        runs, and hand the result to `__call__`. It reuses one buffer, so a mask is good
+        until the next call.
+        """
+        rows = [i for i, s in enumerate(seqs) if s.constrained]
+        if not rows:
+            return None
+        matchers = [c for c in (seqs[i].constraint for i in rows) if c is not None]
+        width = matchers[0].bitmask_width
+        bitmask = self._bitmask
+        if bitmask is None or bitmask.shape[0] < len(seqs) or bitmask.shape[1] != width:
+            # Rows outside `rows` are never read: the buffer needs no reset between steps.
+            capacity = max(len(seqs), 2 * bitmask.shape[0] if bitmask is not None else 8)
+            bitmask = self._bitmask = torch.full((capacity, width), -1, dtype=torch.int32)
+        fill_bitmasks(matchers, bitmask, rows)
+        return GrammarMask(bitmask[: len(seqs)], rows)
 
     def __call__(
-        self, logits: torch.Tensor, seqs: Sequence[SequenceSampler]
+        self,
+        logits: torch.Tensor,
+        seqs: Sequence[SequenceSampler],
+        grammar: GrammarMask | None = None,
     ) -> list[tuple[int, TokenLogprob | None]]:
         """`logits` [S, V] (any float dtype; one row per sequence, in `seqs` order) ->
         (token id, logprob or None) per sequence. Does not `record()` the tokens.
+
+        `grammar`: this step's `grammar_mask(seqs)` if the engine made it already; made
+        here otherwise.
         """
         if logits.dim() != 2 or logits.shape[0] != len(seqs):
             raise ValueError(
@@ -207,10 +281,12 @@ class Sampler:
         # Logits from a model run under inference_mode are inference tensors; staying in
         # inference mode lets us work on them (and skips autograd bookkeeping).
         with torch.inference_mode():
-            return self._sample(logits, seqs)
+            if grammar is None:
+                grammar = self.grammar_mask(seqs)
+            return self._sample(logits, seqs, grammar)
 
     def _sample(
-        self, logits: torch.Tensor, seqs: Sequence[SequenceSampler]
+        self, logits: torch.Tensor, seqs: Sequence[SequenceSampler], grammar: GrammarMask | None
     ) -> list[tuple[int, TokenLogprob | None]]:
         num_seqs, vocab = logits.shape
         device = logits.device
@@ -226,13 +302,20 @@ class Sampler:
         greedy_rows = [i for i, s in enumerate(seqs) if s.params.temperature <= GREEDY_TEMPERATURE]
         sampled_rows = [i for i, s in enumerate(seqs) if s.params.temperature > GREEDY_TEMPERATURE]
         lp_rows = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+        bias_rows = [i for i, s in enumerate(seqs) if s.bias_ids]
 
         # x [S, V] float32: our own copy when rows are about to be modified in place.
-        x = logits.to(torch.float32, copy=bool(pen_rows or mask_rows))
+        x = logits.to(
+            torch.float32, copy=bool(pen_rows or mask_rows or bias_rows or grammar is not None)
+        )
         if pen_rows:
             _apply_penalties(x, pen_rows, [seqs[i] for i in pen_rows])
+        if bias_rows:
+            _apply_bias(x, bias_rows, [seqs[i] for i in bias_rows])
         if mask_rows:
             x[_index(mask_rows, device), _index(mask_cols, device)] = -math.inf
+        if grammar is not None:
+            apply_token_bitmask(x, grammar.bitmask, grammar.rows)
 
         # argmax returns the first maximal index: ties go to the lowest id.
         if len(greedy_rows) == num_seqs:
@@ -368,6 +451,20 @@ def _apply_penalties(x: torch.Tensor, rows: list[int], seqs: Sequence[SequenceSa
     vals = torch.where(vals > 0, vals / rep, vals * rep)
     vals = vals - counts * flat[:, 1] - (counts > 0).to(torch.float32) * flat[:, 2]
     x[flat_rows, cols] = vals
+
+
+def _apply_bias(x: torch.Tensor, rows: list[int], seqs: Sequence[SequenceSampler]) -> None:
+    """Add each row's logit bias to x [S, V] (our copy), in place; sparse like penalties."""
+    flat_rows = [r for r, s in zip(rows, seqs, strict=True) for _ in s.bias_ids]
+    cols = [t for s in seqs for t in s.bias_ids]
+    values = [b for s in seqs for b in s.bias_values]
+    device = x.device
+    # accumulate: an id given twice gets both biases, not one of them at random.
+    x.index_put_(
+        (_index(flat_rows, device), _index(cols, device)),
+        torch.tensor(values, dtype=torch.float32, device=device),
+        accumulate=True,
+    )
 
 
 def _nucleus_cutoff(probs: torch.Tensor, top_p: torch.Tensor, candidates: int) -> torch.Tensor:

@@ -13,6 +13,10 @@ LRU prefix cache of ``cache.num_kv_blocks`` blocks keyed by
 event (``kv_snapshot()`` dumps the cache). One request is one async
 generator producing a token per ``plugin_config.toy.step_s`` seconds.
 
+It has no logits to bias or mask, so it refuses requests with a
+``SamplingParams.constraint`` or ``logit_bias`` (`InvalidRequestError`, a 400)
+rather than ignoring them, as an engine that cannot enforce them must.
+
 Options (``[plugin_config.toy]`` in TOML, or ``plugin_config={"toy": {...}}``):
 ``step_s`` (default 0.001).
 """
@@ -27,7 +31,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from dynamo_gateway.engines.base import EngineBase, EngineContext, EngineState
-from dynamo_gateway.errors import EngineError
+from dynamo_gateway.errors import EngineError, InvalidRequestError
 from dynamo_gateway.kv.hashing import sequence_hashes
 from dynamo_gateway.protocol.engine import (
     EngineOutput,
@@ -103,6 +107,15 @@ class ToyEngine(EngineBase):
         if rid in self._running:
             raise EngineError(f"request {rid!r} is already running")
         sampling = request.sampling
+        # Refused before anything is allocated: serving them unenforced would be wrong.
+        if sampling.constraint is not None:
+            raise InvalidRequestError(
+                "the toy engine does not support structured output", param="response_format"
+            )
+        if sampling.logit_bias:
+            raise InvalidRequestError(
+                "the toy engine does not support logit_bias", param="logit_bias"
+            )
         # Resumed tokens were streamed already: part of the prompt now, and they count
         # towards max_tokens, which is the whole completion's length.
         seq = [*request.prompt_token_ids, *request.resumed_token_ids]
