@@ -191,6 +191,10 @@ def sampling_params(
     if params.logit_bias:
         out["logit_bias"] = {str(token): bias for token, bias in params.logit_bias}
     out.update(constraint_params(params.constraint))
+    if params.constraint is not None:
+        # A structured output ends where its grammar does (see the vllm plugin).
+        out["ignore_eos"] = False
+        out["min_new_tokens"] = 0
     return out
 
 

@@ -17,6 +17,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
+
 from dynamo_gateway.disagg.params import DO_REMOTE_PREFILL, wants_remote_decode
 from dynamo_gateway.errors import EngineError, InvalidRequestError
 from dynamo_gateway.protocol.engine import (
@@ -138,6 +140,9 @@ def sampling_kwargs(
                 "TensorRT-LLM takes a seed in [0, 2**64)", param="seed", code="invalid_seed"
             )
         kw["seed"] = sampling.seed
+    if sampling.constraint is not None:
+        # A structured output ends where its grammar does (see the vllm plugin).
+        sampling = msgspec.structs.replace(sampling, ignore_eos=False, min_tokens=0)
     if sampling.min_tokens > 0:
         kw["min_tokens"] = sampling.min_tokens
     stop = list(sampling.stop_token_ids)

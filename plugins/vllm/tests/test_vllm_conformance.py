@@ -66,6 +66,8 @@ def engine_spec(real_model: Path) -> EngineSpec:
             eos=True,
             kv_events=True,
             disagg=True,
+            structured_output=True,  # vLLM's StructuredOutputsParams (xgrammar)
+            logit_bias=True,
         ),
         plugins=["vllm"],
         eos_prompt=EOS_PROMPT,

@@ -260,7 +260,9 @@ def test_offload_args() -> None:
         )
 
 
+# Importing vLLM first here (this module alone) warns from torch.jit.
 @pytest.mark.vllm
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_vllm_parses_the_offload_args() -> None:
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.utils.argparse_utils import FlexibleArgumentParser
@@ -306,6 +308,7 @@ def test_a_constraint_after_reasoning_is_a_400_and_logit_bias_passes() -> None:
 
 
 @pytest.mark.vllm
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_vllm_accepts_the_structured_outputs_kwargs() -> None:
     from vllm.sampling_params import SamplingParams as VllmParams
     from vllm.sampling_params import StructuredOutputsParams
@@ -318,3 +321,19 @@ def test_vllm_accepts_the_structured_outputs_kwargs() -> None:
         assert kwargs is not None
         params = VllmParams(max_tokens=4, structured_outputs=StructuredOutputsParams(**kwargs))
         assert params.structured_outputs is not None
+
+
+@pytest.mark.vllm
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_vllm_parses_our_engine_argv(tmp_path: Path) -> None:
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = AsyncEngineArgs.add_cli_args(FlexibleArgumentParser(prog="vllm"))
+    argv = translate.engine_argv(
+        tmp_path, max_model_len=512, block_size=32, kv_events_endpoint=None, kv_role=None,
+        on_cpu=True, user_args=[],
+    )  # fmt: skip
+    args = AsyncEngineArgs.from_cli_args(parser.parse_args(argv))
+    config = args.structured_outputs_config
+    assert config.backend == "xgrammar" and config.disable_any_whitespace
