@@ -20,12 +20,11 @@ tokens) and TTFT, writes JSON::
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 from pathlib import Path
 from typing import Any
 
-from dynamo_gateway.bench.replay import ReplayConfig, run_replay
+from dynamo_gateway.bench.replay import ReplayConfig, replay
 from dynamo_gateway.kvbm.tiers.sim import SimTier
 
 CONFIGS: dict[str, dict[str, Any]] = {
@@ -42,8 +41,9 @@ def run(name: str, args: argparse.Namespace) -> dict[str, Any]:
         trace=args.trace,
         router="kv",
         workers=args.workers,
-        limit=args.limit,
-        speedup=args.speedup,
+        limit=args.limit or None,
+        speedup=1.0 if args.virtual_clock else args.speedup,
+        virtual_clock=args.virtual_clock,
         arrival_speedup=args.arrival_speedup,
         num_kv_blocks=args.device_tokens // 16,
         block_size=16,
@@ -51,7 +51,7 @@ def run(name: str, args: argparse.Namespace) -> dict[str, Any]:
         kv_router=spec.get("kv_router", {}),
         progress=False,
     )
-    result = asyncio.run(run_replay(config))
+    result = replay(config, uvloop=False)
     s = result.summary
     row = {
         "config": name,
@@ -77,15 +77,20 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--trace", type=Path, default=Path("../shared/traces/conversation_trace.jsonl"))
     p.add_argument("--workers", type=int, default=4)
-    p.add_argument("--limit", type=int, default=300)
+    p.add_argument("--limit", type=int, default=300, help="first K requests (0: all)")
     p.add_argument("--speedup", type=float, default=4.0)
     p.add_argument("--arrival-speedup", type=float, default=1.0)
     p.add_argument("--device-tokens", type=int, default=131072)
     p.add_argument("--host-gb", type=float, default=160.0)
+    p.add_argument(
+        "--virtual-clock",
+        action="store_true",
+        help="replay on a simulated clock (no dispatch lag; --speedup unused)",
+    )
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     print(
-        f"{args.trace.name}: {args.limit} requests on {args.workers} mocker workers, "
+        f"{args.trace.name}: {args.limit or 'all'} requests on {args.workers} mocker workers, "
         f"{args.device_tokens} device tokens each, host tiers {args.host_gb} GiB",
         flush=True,
     )
