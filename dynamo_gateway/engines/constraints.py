@@ -31,7 +31,13 @@ is a subset of what the schema accepts, so it always validates) and without free
 whitespace (one line, ``", "`` and ``": "`` separators), so that a small model cannot
 ramble in whitespace. ``json_object`` is the schema ``{"type": "object"}`` compiled the
 same way: any object, and only an object (xgrammar's builtin JSON grammar would allow
-any value, and any whitespace).
+any value, and any whitespace). xgrammar (0.2.9 at least: mlc-ai/xgrammar#800) spells
+a string with ``minLength`` or ``maxLength`` as a bounded repetition of a character class
+that keeps out only the quote, the backslash, CR and LF, so raw control characters
+(U+0000-U+001F, which JSON forbids in a string) could be generated there:
+`json_strings_without_controls()` narrows that class before the grammar is compiled
+(to the class of xgrammar's other strings, less the UTF-16 surrogates, which it takes
+for characters too).
 
 The end of the grammar: after each token the matcher checks whether the grammar is
 complete and nothing but a stop token may follow; the request then ends with STOP
@@ -74,6 +80,7 @@ __all__ = [
     "constraint_param",
     "fill_bitmasks",
     "grammar_source",
+    "json_strings_without_controls",
 ]
 
 #: Compiled grammars kept per compiler (a large vocabulary's grammar holds masks of a
@@ -84,6 +91,16 @@ DEFAULT_CACHE_SIZE = 128
 _XGR_PREFIX = re.compile(r"^\[[\d:]+\]\s+\S+:\d+:\s*")
 _XGR_CHECK = re.compile(r"^Check failed: \(.*?\) is false:\s*")
 _MAX_MESSAGE = 300
+
+# A character of a length-bounded string in xgrammar's JSON grammars, as it prints it
+# (see the module docstring), and the one it should be: no C0 control character, and no
+# UTF-16 surrogate either (xgrammar would take its 3 bytes, ED A0-BF xx, for one
+# character; they are not UTF-8 and decode to 3 U+FFFD, past `maxLength`).
+_LOOSE_STRING_CHAR = r"[^\"\\\r\n]"
+_JSON_STRING_CHAR = r"[^\0-\x1f\"\\\r\n\ud800-\udfff]"
+# The tokens of a printed grammar that may hold brackets or quotes: string literals
+# (also the arguments of ``Regex(...)``) and character classes, escapes included.
+_EBNF_LITERAL_OR_CLASS = re.compile(r'"(?:[^"\\]|\\.)*"|\[(?:[^\]\\]|\\.)*\]', re.DOTALL)
 
 
 def constraint_param(kind: str) -> str:
@@ -136,6 +153,18 @@ def grammar_source(constraint: Constraint) -> tuple[str, str]:
             raise _invalid(constraint, "the grammar is empty")
         return "ebnf", spec
     raise _invalid(constraint, f"unknown kind {kind!r}")
+
+
+def json_strings_without_controls(ebnf: str) -> str:
+    """`ebnf`, a JSON schema's grammar as xgrammar prints it, with each character class
+    that lets raw control characters into a length-bounded string (`_LOOSE_STRING_CHAR`)
+    narrowed to `_JSON_STRING_CHAR`; string literals are left as they are. Pure."""
+
+    def narrow(match: re.Match[str]) -> str:
+        token = match.group()
+        return _JSON_STRING_CHAR if token == _LOOSE_STRING_CHAR else token
+
+    return _EBNF_LITERAL_OR_CLASS.sub(narrow, ebnf)
 
 
 def _clean_error(exc: BaseException) -> str:
@@ -274,11 +303,7 @@ class ConstraintCompiler:
         how, text = grammar_source(constraint)
         try:
             if how == "json_schema":
-                grammar = self._compiler.compile_json_schema(
-                    text,
-                    any_whitespace=False,
-                    strict_mode=constraint.kind == "json_schema",
-                )
+                grammar = self._compile_json_schema(text, strict=constraint.kind == "json_schema")
             elif how == "regex":
                 grammar = self._compiler.compile_regex(text)
             else:
@@ -293,6 +318,18 @@ class ConstraintCompiler:
             while len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
         return grammar
+
+    def _compile_json_schema(self, schema: str, *, strict: bool) -> CompiledGrammar:
+        """A schema's grammar (see the module docstring), control characters kept out of
+        its strings (the grammar is parsed again from its text only where it had to change)."""
+        import xgrammar as xgr
+
+        grammar = xgr.Grammar.from_json_schema(schema, any_whitespace=False, strict_mode=strict)
+        ebnf = str(grammar)
+        narrowed = json_strings_without_controls(ebnf)
+        if narrowed == ebnf:
+            return self._compiler.compile_grammar(grammar)
+        return self._compiler.compile_grammar(narrowed)
 
     def matcher(
         self, grammar: CompiledGrammar, *, after_token_ids: Sequence[int] = ()

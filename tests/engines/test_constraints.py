@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from dynamo_gateway.engines.constraints import (
     apply_token_bitmask,
     compiler_for,
     grammar_source,
+    json_strings_without_controls,
 )
 from dynamo_gateway.errors import InvalidRequestError
 from dynamo_gateway.preprocess.tokenizer import Tokenizer
@@ -238,6 +240,78 @@ def test_json_object_is_an_object_on_one_line(
         matcher = compiler.matcher(grammar)
         feed(matcher, tokenizer, text)
         assert matcher.ended and (matcher.error is None) is ok, text
+
+
+def _surrogate_start(token: bytes) -> bool:
+    """Whether `token` holds the first two bytes of a UTF-8-spelled UTF-16 surrogate."""
+    return any(a == 0xED and 0xA0 <= b <= 0xBF for a, b in pairwise(token))
+
+
+# Where the allowed tokens are looked at: inside a string of each kind xgrammar builds.
+STRING_SCHEMAS = [
+    pytest.param({"type": "string"}, '"', id="free"),
+    pytest.param({"type": "string", "maxLength": 12}, '"', id="maxLength"),
+    pytest.param({"type": "string", "minLength": 2}, '"', id="minLength"),
+    pytest.param(
+        {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12}}},
+        '{"name": "ab',
+        id="property",
+    ),
+    pytest.param(
+        {"type": "object", "propertyNames": {"maxLength": 5}, "additionalProperties": True},
+        '{"',
+        id="propertyNames",
+    ),
+]
+
+
+@pytest.mark.parametrize(("spec", "prefix"), STRING_SCHEMAS)
+def test_no_raw_control_character_is_allowed_inside_a_json_string(
+    tokenizer: Tokenizer, compiler: ConstraintCompiler, spec: dict[str, object], prefix: str
+) -> None:
+    """JSON forbids raw U+0000-U+001F in a string; xgrammar 0.2.9 lets them into strings
+    with a length bound (mlc-ai/xgrammar#800) unless the compiler narrows the class."""
+    vocab = compiler.decoded_vocab()
+    controls = {i for i, token in enumerate(vocab) if any(b < 0x20 for b in token)}
+    assert len(controls) >= 32  # the demo model has a token for each of those bytes
+    matcher = compiler.matcher(
+        compiler.compile(Constraint(kind="json_schema", spec=json.dumps(spec)))
+    )
+    feed(matcher, tokenizer, prefix)
+    assert matcher.error is None
+    allowed = allowed_ids(matcher)
+    assert len(allowed) > 1000  # nearly anything may go in a string...
+    assert not allowed & controls, sorted(vocab[i] for i in allowed & controls)  # ...not those
+
+
+def test_a_utf16_surrogate_is_no_character_of_a_bounded_string(
+    tokenizer: Tokenizer, compiler: ConstraintCompiler
+) -> None:
+    """ED A0-BF xx is no UTF-8 (it decodes to three U+FFFD, past the ``maxLength``)."""
+    vocab = compiler.decoded_vocab()
+    lead = vocab.index(b"\xed")
+    spec = json.dumps({"type": "string", "maxLength": 3})
+    matcher = compiler.matcher(compiler.compile(Constraint(kind="json_schema", spec=spec)))
+    feed(matcher, tokenizer, '"')
+    allowed = allowed_ids(matcher)
+    assert lead in allowed  # U+D000-U+D7FF start with it
+    assert not [vocab[i] for i in allowed if _surrogate_start(vocab[i])]
+    matcher.accept(lead)
+    nexts = {vocab[i][0] for i in allowed_ids(matcher) if vocab[i]}
+    assert nexts and max(nexts) < 0xA0, sorted(nexts)
+
+
+def test_only_the_loose_string_class_is_narrowed() -> None:
+    loose = r"[^\"\\\r\n]"  # as xgrammar prints it
+    narrow = r"[^\0-\x1f\"\\\r\n\ud800-\udfff]"
+    free = r"[^\0-\x1f\"\\\r\n]"  # the class of strings without a length bound
+    literal = r'"x[^\"\\\r\n]y"'  # a string literal spelling the loose class: text
+
+    def grammar(bounded: str) -> str:
+        return f'root ::= "\\"" s{{0, 3}} "\\"" {literal}\ns ::= {bounded} | {free}\n'
+
+    assert json_strings_without_controls(grammar(loose)) == grammar(narrow)
+    assert json_strings_without_controls(grammar("[a]")) == grammar("[a]")
 
 
 # -- the matcher ---------------------------------------------------------------------------
