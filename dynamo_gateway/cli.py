@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,7 @@ def _parser() -> argparse.ArgumentParser:
         "serve", help="frontend, router and workers in one process (the embedded default)"
     )
     _add_common(serve)
+    _add_tracing_args(serve)
     _add_frontend_args(serve)
     _add_engine_args(serve)
     serve.add_argument("--workers", type=int, help="engine workers to start (default 1)")
@@ -77,6 +78,7 @@ def _parser() -> argparse.ArgumentParser:
         "worker", help="one engine worker process, registered in discovery (distributed mode)"
     )
     _add_common(worker)
+    _add_tracing_args(worker)
     _add_engine_args(worker)
     _add_runtime_args(worker)
     worker.add_argument(
@@ -103,6 +105,7 @@ def _parser() -> argparse.ArgumentParser:
         "frontend", help="OpenAI-compatible frontend over discovered workers (distributed mode)"
     )
     _add_common(frontend)
+    _add_tracing_args(frontend)
     _add_frontend_args(frontend)
     _add_runtime_args(frontend)
     frontend.add_argument("--router", help="routing policy (default kv)")
@@ -130,6 +133,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     planner.add_argument("--config", type=Path, help="planner TOML file (several models, budget)")
     planner.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    planner.add_argument("--log-format", choices=["text", "json"], help=_LOG_FORMAT_HELP)
     _add_runtime_args(planner)
     planner.add_argument("--connector", help="where workers run: local (default), ray, kubernetes")
     planner.add_argument("--policy", help="load (default) or sla")
@@ -188,6 +192,18 @@ def _parser() -> argparse.ArgumentParser:
     profile.add_argument("--repeats", type=int, default=3, help="prefill runs per length")
     profile.set_defaults(func=_cmd_profile)
 
+    keys = sub.add_parser("keys", help="API keys for --api-keys-file (docs/operations.md)")
+    keys_sub = keys.add_subparsers(metavar="ACTION")
+    keys_hash = keys_sub.add_parser(
+        "hash", help="print the hash to store for each key (from stdin, one a line, if none given)"
+    )
+    keys_hash.add_argument("key", nargs="*", help="keys (better on stdin: arguments show in ps)")
+    keys_hash.add_argument("--config", type=Path, help="TOML settings (for api_key_pepper)")
+    keys_hash.set_defaults(func=_cmd_keys_hash)
+    keys_new = keys_sub.add_parser("new", help="make a random key; prints 'KEY HASH'")
+    keys_new.add_argument("--config", type=Path, help="TOML settings (for api_key_pepper)")
+    keys_new.set_defaults(func=_cmd_keys_new)
+
     plugins = sub.add_parser("plugins", help="list loaded plugins and what they provide")
     plugins.add_argument("--json", action="store_true", help="machine-readable output")
     plugins.set_defaults(func=_cmd_plugins)
@@ -219,9 +235,25 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+_LOG_FORMAT_HELP = "json: one JSON object per log line on stderr (default text)"
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="TOML settings file (DYNAMO_GATEWAY_CONFIG)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-format", choices=["text", "json"], help=_LOG_FORMAT_HELP)
+
+
+def _add_tracing_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("tracing", "OpenTelemetry spans of each request (off by default)")
+    g.add_argument(
+        "--otlp-endpoint",
+        metavar="URL",
+        help="export spans to this OTLP/HTTP collector, e.g. http://127.0.0.1:4318",
+    )
+    g.add_argument(
+        "--trace-file", type=Path, metavar="FILE", help="write spans here, one JSON per line"
+    )
 
 
 def _add_frontend_args(p: argparse.ArgumentParser) -> None:
@@ -233,6 +265,16 @@ def _add_frontend_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-inflight", type=int, help="admission limit; beyond it 429")
     p.add_argument("--max-body-bytes", type=int, help="larger request bodies get 413")
     p.add_argument("--server", choices=["hypercorn", "uvicorn"], help="ASGI server")
+    p.add_argument(
+        "--keep-alive",
+        type=float,
+        metavar="S",
+        help="close a connection idle this long; the server holds a closed client's "
+        "state until then (default 5)",
+    )
+    p.add_argument(
+        "--backlog", type=int, metavar="N", help="listen backlog for connection bursts (2048)"
+    )
     p.add_argument(
         "--stream-interval",
         type=int,
@@ -247,6 +289,38 @@ def _add_frontend_args(p: argparse.ArgumentParser) -> None:
         "--reasoning-parser",
         help="reasoning markers to split off as reasoning_content: deepseek_r1, qwen3, ...",
     )
+    _add_security_args(p)
+
+
+def _add_security_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("tenants and security", "docs/operations.md")
+    g.add_argument(
+        "--api-keys-file",
+        type=Path,
+        metavar="FILE",
+        help="TOML or JSON tenants with key hashes and limits (`keys hash`)",
+    )
+    g.add_argument(
+        "--max-queued-per-tenant",
+        type=int,
+        metavar="N",
+        help="at --max-inflight, requests wait in per-tenant queues (default 64; 0: 429 at once)",
+    )
+    g.add_argument(
+        "--queue-timeout", type=float, metavar="S", help="longest wait in a queue (default 1)"
+    )
+    g.add_argument(
+        "--admin-port", type=int, metavar="PORT", help="serve /admin/* on this port (default off)"
+    )
+    g.add_argument("--admin-host", metavar="HOST", help="admin port address (default 127.0.0.1)")
+    g.add_argument(
+        "--admin-key",
+        metavar="KEY",
+        help="bearer token for /admin/*; needed without --admin-port "
+        "(prefer DYNAMO_GATEWAY_FRONTEND__ADMIN_KEY: flags show in `ps`)",
+    )
+    g.add_argument("--tls-cert", type=Path, metavar="FILE", help="PEM certificate: serve HTTPS")
+    g.add_argument("--tls-key", type=Path, metavar="FILE", help="PEM private key of --tls-cert")
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -364,15 +438,28 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
 # CLI flag (argparse dest) -> settings path
 _SETTINGS_MAP: dict[str, tuple[str, ...]] = {
     "log_level": ("log_level",),
+    "log_format": ("log_format",),
+    "otlp_endpoint": ("tracing", "otlp_endpoint"),
+    "trace_file": ("tracing", "span_file"),
     "host": ("frontend", "host"),
     "port": ("frontend", "port"),
     "api_keys": ("frontend", "api_keys"),
     "max_inflight": ("frontend", "max_inflight"),
     "max_body_bytes": ("frontend", "max_body_bytes"),
     "server": ("frontend", "server"),
+    "keep_alive": ("frontend", "keep_alive_s"),
+    "backlog": ("frontend", "backlog"),
     "stream_interval": ("frontend", "stream_interval"),
     "tool_call_parser": ("frontend", "tool_call_parser"),
     "reasoning_parser": ("frontend", "reasoning_parser"),
+    "api_keys_file": ("frontend", "api_keys_file"),
+    "max_queued_per_tenant": ("frontend", "max_queued_per_tenant"),
+    "queue_timeout": ("frontend", "queue_timeout_s"),
+    "admin_port": ("frontend", "admin_port"),
+    "admin_host": ("frontend", "admin_host"),
+    "admin_key": ("frontend", "admin_key"),
+    "tls_cert": ("frontend", "tls_cert"),
+    "tls_key": ("frontend", "tls_key"),
     "engine": ("engine",),
     "max_model_len": ("max_model_len",),
     "workers": ("workers",),
@@ -442,10 +529,23 @@ def settings_from_args(args: argparse.Namespace) -> Any:
     return load_settings(getattr(args, "config", None), **overrides)
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+def _setup_logging(level: str, fmt: str = "text") -> None:
+    from dynamo_gateway.telemetry.logs import setup_logging
+
+    setup_logging(level, "json" if fmt == "json" else "text")
+
+
+@contextlib.contextmanager
+def _tracing(settings: Any, service: str) -> Iterator[None]:
+    """Tracing on for the command's run when the settings name an exporter; spans
+    still pending are exported at the end."""
+    from dynamo_gateway.telemetry import tracing
+
+    tracing.configure(settings.tracing, service)
+    try:
+        yield
+    finally:
+        tracing.shutdown()
 
 
 def _fleet(settings: Any) -> str:
@@ -461,7 +561,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from dynamo_gateway.server import run_async, serve
 
     settings = settings_from_args(args)
-    _setup_logging(settings.log_level)
+    _setup_logging(settings.log_level, settings.log_format)
 
     def ready(url: str) -> None:
         names = ", ".join(m.name or m.path.name for m in settings.models)
@@ -471,7 +571,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             flush=True,
         )
 
-    run_async(serve(settings, ready=ready))
+    with _tracing(settings, "dynamo-gateway"):
+        run_async(serve(settings, ready=ready))
     return 0
 
 
@@ -480,7 +581,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     from dynamo_gateway.server import plugins_for, run_async
 
     settings = settings_from_args(args)
-    _setup_logging(settings.log_level)
+    _setup_logging(settings.log_level, settings.log_format)
 
     def ready(worker: Worker) -> None:
         record = worker.record
@@ -492,7 +593,8 @@ def _cmd_worker(args: argparse.Namespace) -> int:
             flush=True,
         )
 
-    run_async(run_worker(settings, plugins_for(settings), ready=ready))
+    with _tracing(settings, "dynamo-gateway-worker"):
+        run_async(run_worker(settings, plugins_for(settings), ready=ready))
     return 0
 
 
@@ -500,7 +602,7 @@ def _cmd_frontend(args: argparse.Namespace) -> int:
     from dynamo_gateway.server import run_async, serve_frontend
 
     settings = settings_from_args(args)
-    _setup_logging(settings.log_level)
+    _setup_logging(settings.log_level, settings.log_format)
     if settings.runtime.discovery.startswith("memory:"):
         raise ConfigError(
             "the frontend finds workers through --discovery file:///dir or etcd://host:port "
@@ -518,7 +620,8 @@ def _cmd_frontend(args: argparse.Namespace) -> int:
             flush=True,
         )
 
-    run_async(serve_frontend(settings, ready=ready))
+    with _tracing(settings, "dynamo-gateway-frontend"):
+        run_async(serve_frontend(settings, ready=ready))
     return 0
 
 
@@ -575,7 +678,7 @@ def _cmd_planner(args: argparse.Namespace) -> int:
     from dynamo_gateway.server import run_async
 
     config = _planner_config(args)
-    _setup_logging(args.log_level or "info")
+    _setup_logging(args.log_level or "info", args.log_format or "text")
     registry = load_plugins().registry
     policy = registry.planner_policies.get(config.policy)(config)
     connector = registry.planner_connectors.get(config.connector)(config)
@@ -631,7 +734,7 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     from dynamo_gateway.server import plugins_for, run_async
 
     settings = settings_from_args(args)
-    _setup_logging(settings.log_level)
+    _setup_logging(settings.log_level, settings.log_format)
     if len(settings.models) != 1:
         raise ConfigError("profile one --model")
     served = settings.models[0]
@@ -674,6 +777,37 @@ def _cmd_profile(args: argparse.Namespace) -> int:
 
     run_async(run())
     print(args.out)
+    return 0
+
+
+def _pepper(args: argparse.Namespace) -> str | None:
+    from dynamo_gateway.settings import load_settings
+
+    pepper = load_settings(args.config).frontend.api_key_pepper
+    return pepper.get_secret_value() if pepper is not None else None
+
+
+def _cmd_keys_hash(args: argparse.Namespace) -> int:
+    from dynamo_gateway.frontend.tenants import hash_key
+
+    pepper = _pepper(args)
+    given: list[str] = args.key or [line.strip() for line in sys.stdin if line.strip()]
+    if not given:
+        raise ConfigError("no key to hash (pass it on stdin, one a line)")
+    for key in given:
+        if len(key) < 20:
+            print("keys: warning: a key under 20 characters can be guessed", file=sys.stderr)
+        print(hash_key(key, pepper))
+    return 0
+
+
+def _cmd_keys_new(args: argparse.Namespace) -> int:
+    import secrets
+
+    from dynamo_gateway.frontend.tenants import hash_key
+
+    key = "dg-" + secrets.token_urlsafe(32)  # 256 random bits
+    print(key, hash_key(key, _pepper(args)))
     return 0
 
 

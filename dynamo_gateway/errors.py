@@ -114,6 +114,13 @@ class MethodNotAllowedError(ClientError):
     code = "method_not_allowed"
 
 
+class RequestTimeoutError(ClientError):
+    """The client took too long to send its request body (a slow or stalled upload)."""
+
+    status = 408
+    code = "request_timeout"
+
+
 class PayloadTooLargeError(ClientError):
     status = 413
     code = "payload_too_large"

@@ -40,7 +40,7 @@ def plugins_for(settings: Settings) -> Plugins:
 async def serve(settings: Settings, *, ready: Callable[[str], None] | None = None) -> None:
     """Run the embedded gateway until SIGINT/SIGTERM."""
     async with embedded(settings) as gateway:
-        await run_http(build_app(gateway), settings, ready=ready)
+        await run_http(build_app(gateway), settings, ready=ready, admin=_admin_app(gateway))
 
 
 @contextlib.asynccontextmanager
@@ -105,7 +105,16 @@ async def embedded(
 async def serve_frontend(settings: Settings, *, ready: Callable[[str], None] | None = None) -> None:
     """Run a frontend over the workers that discovery finds, until SIGINT/SIGTERM."""
     async with distributed(settings) as gateway:
-        await run_http(build_app(gateway), settings, ready=ready)
+        await run_http(build_app(gateway), settings, ready=ready, admin=_admin_app(gateway))
+
+
+def _admin_app(gateway: Gateway) -> ASGIApp | None:
+    """The ``--admin-port`` app (without one, `build_app` mounts /admin behind the key)."""
+    if gateway.settings.frontend.admin_port is None:
+        return None
+    from dynamo_gateway.frontend.admin import admin_app
+
+    return admin_app(gateway)
 
 
 @contextlib.asynccontextmanager
@@ -153,40 +162,61 @@ async def _wait_for_pool(
 
 
 async def run_http(
-    app: ASGIApp, settings: Settings, *, ready: Callable[[str], None] | None = None
+    app: ASGIApp,
+    settings: Settings,
+    *,
+    ready: Callable[[str], None] | None = None,
+    admin: ASGIApp | None = None,
 ) -> None:
-    """Serve `app` until a shutdown signal, then drain for up to GRACEFUL_TIMEOUT_S."""
+    """Serve `app` (and `admin` on the admin port) until a shutdown signal, then
+    drain for up to GRACEFUL_TIMEOUT_S. HTTPS on both with `frontend.tls_cert`."""
     fe = settings.frontend
+    for path in (fe.tls_cert, fe.tls_key):
+        if path is not None and not path.is_file():
+            raise ConfigError(f"TLS file {path} does not exist")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
-    url = f"http://{fe.host}:{fe.port}"
-    if fe.server == "uvicorn":
-        runner = _uvicorn(app, settings, stop)
-    else:
-        runner = _hypercorn(app, settings, stop)
-    task = loop.create_task(runner())
+    scheme = "https" if fe.tls_cert is not None else "http"
+    url = f"{scheme}://{fe.host}:{fe.port}"
+    server = _uvicorn if fe.server == "uvicorn" else _hypercorn
+    runners = [server(app, settings, stop, (fe.host, fe.port))]
+    if admin is not None and fe.admin_port is not None:
+        runners.append(server(admin, settings, stop, (fe.admin_host, fe.admin_port)))
+        log.info("admin endpoints on %s://%s:%d/admin/", scheme, fe.admin_host, fe.admin_port)
+    tasks = [loop.create_task(runner()) for runner in runners]
     await asyncio.sleep(0)
     if ready is not None:
         ready(url)
-    await task
+    try:
+        await asyncio.gather(*tasks)
+    except BaseException:
+        stop.set()  # one listener failed (a busy port): stop the other too
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 def _hypercorn(
-    app: ASGIApp, settings: Settings, stop: asyncio.Event
+    app: ASGIApp, settings: Settings, stop: asyncio.Event, bind: tuple[str, int]
 ) -> Callable[[], Coroutine[Any, Any, None]]:
     from hypercorn.asyncio import serve as hypercorn_serve
     from hypercorn.config import Config
 
     fe = settings.frontend
     config = Config()
-    config.bind = [f"{fe.host}:{fe.port}"]
+    config.bind = [f"{bind[0]}:{bind[1]}"]
+    if fe.tls_cert is not None and fe.tls_key is not None:
+        config.certfile = str(fe.tls_cert)
+        config.keyfile = str(fe.tls_key)
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
     config.graceful_timeout = GRACEFUL_TIMEOUT_S
-    config.keep_alive_timeout = 75
+    config.keep_alive_timeout = fe.keep_alive_s
+    # hypercorn's default backlog (100) overflows when a burst of clients connects at
+    # once: the kernel drops their handshakes and those clients stall for seconds.
+    config.backlog = fe.backlog
     # Bodies are bounded by the app (413 with an OpenAI error); keep hypercorn's own
     # limit above ours so that the app answers first.
     config.h11_max_incomplete_size = max(config.h11_max_incomplete_size, 64 * 1024)
@@ -198,7 +228,7 @@ def _hypercorn(
 
 
 def _uvicorn(
-    app: ASGIApp, settings: Settings, stop: asyncio.Event
+    app: ASGIApp, settings: Settings, stop: asyncio.Event, bind: tuple[str, int]
 ) -> Callable[[], Coroutine[Any, Any, None]]:
     try:
         import uvicorn
@@ -209,14 +239,18 @@ def _uvicorn(
     fe = settings.frontend
     config = uvicorn.Config(
         app,
-        host=fe.host,
-        port=fe.port,
+        host=bind[0],
+        port=bind[1],
+        ssl_certfile=str(fe.tls_cert) if fe.tls_cert is not None else None,
+        ssl_keyfile=str(fe.tls_key) if fe.tls_key is not None else None,
         loop="none",
         http="httptools",
         lifespan="off",
         access_log=False,
         log_level="warning",
         timeout_graceful_shutdown=int(GRACEFUL_TIMEOUT_S),
+        timeout_keep_alive=max(1, round(fe.keep_alive_s)),
+        backlog=fe.backlog,
     )
     server = uvicorn.Server(config)
 

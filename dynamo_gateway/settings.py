@@ -11,11 +11,20 @@ from __future__ import annotations
 
 import contextvars
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -33,6 +42,41 @@ _config_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar(
 )
 
 
+class TenantConfig(BaseModel):
+    """One tenant: the hashes of its API keys and its limits (docs/operations.md).
+
+    Also the schema of each entry of an ``--api-keys-file``. Keys are never
+    stored, only ``sha256:<hex>`` (or ``hmac-sha256:<hex>`` with a pepper):
+    ``dynamo-gateway keys hash`` computes them.
+    """
+
+    # A key pasted where its hash belongs must not be echoed by a validation error.
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")
+    key_hashes: list[str] = Field(default_factory=list)
+    requests_per_minute: float | None = Field(None, gt=0)
+    tokens_per_minute: float | None = Field(
+        None, gt=0, description="prompt + completion tokens, charged as they become known"
+    )
+    max_concurrent: int | None = Field(
+        None, ge=1, description="requests in flight; more wait in the tenant's queue"
+    )
+    weight: int = Field(1, ge=1, le=100, description="share of freed slots under contention")
+
+    @field_validator("key_hashes")
+    @classmethod
+    def _check_hashes(cls, value: list[str]) -> list[str]:
+        for i, h in enumerate(value):
+            # The message never echoes the value: it may be a key pasted by mistake.
+            if not re.fullmatch(r"(sha256|hmac-sha256):[0-9a-f]{64}", h):
+                raise ValueError(
+                    f"key_hashes[{i}] is not 'sha256:<64 hex>' or 'hmac-sha256:<64 hex>' "
+                    "(see `dynamo-gateway keys hash`)"
+                )
+        return value
+
+
 class FrontendSettings(BaseModel):
     """The HTTP frontend."""
 
@@ -41,8 +85,27 @@ class FrontendSettings(BaseModel):
     api_keys: list[str] = Field(default_factory=list, description="accepted bearer tokens")
     max_inflight: int = Field(1024, ge=1, description="admission limit; beyond it 429")
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="larger bodies get 413")
+    body_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="a request body not received in full after this gets 408 (a slow upload "
+        "would otherwise hold an admission slot for as long as it likes)",
+    )
     retry_after_s: int = Field(1, ge=0, description="Retry-After on 429/503")
     server: Literal["hypercorn", "uvicorn"] = "hypercorn"
+    keep_alive_s: float = Field(
+        5.0,
+        gt=0,
+        description="an idle keep-alive connection is closed after this; the server keeps a "
+        "connection's state until then, even after the client left (75 s held ~27 MiB per "
+        "2,000 clients)",
+    )
+    backlog: int = Field(
+        2048,
+        ge=1,
+        description="listen backlog: connections the kernel holds until the server accepts "
+        "them (capped by net.core.somaxconn); beyond it new connections stall in SYN retries",
+    )
     stream_interval: int = Field(
         1,
         ge=1,
@@ -55,6 +118,35 @@ class FrontendSettings(BaseModel):
     reasoning_parser: str | None = Field(
         None, description="reasoning markers of the models' output (default: none)"
     )
+    # Tenants and security (docs/operations.md). `api_keys` form the "default" tenant.
+    tenants: list[TenantConfig] = Field(default_factory=list, description="tenants, inline")
+    api_keys_file: Path | None = Field(
+        None, description="TOML or JSON file of tenants (re-read by POST /admin/reload)"
+    )
+    api_key_pepper: SecretStr | None = Field(
+        None, description="secret mixed into key hashes (hmac-sha256:...); keep it out of files"
+    )
+    max_queued_per_tenant: int = Field(
+        64, ge=0, description="at --max-inflight, requests wait in per-tenant queues (0: 429)"
+    )
+    queue_timeout_s: float = Field(
+        1.0, ge=0, description="longest wait in a tenant queue before a 429"
+    )
+    admin_port: int | None = Field(
+        None, ge=0, le=65535, description="serve /admin/* on this port (default: off)"
+    )
+    admin_host: str = Field("127.0.0.1", description="address of the admin port")
+    admin_key: SecretStr | None = Field(
+        None, description="bearer token for /admin/* (required without an admin port)"
+    )
+    tls_cert: Path | None = Field(None, description="PEM certificate: serve HTTPS")
+    tls_key: Path | None = Field(None, description="PEM private key of tls_cert")
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> FrontendSettings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("TLS needs both tls_cert and tls_key")
+        return self
 
 
 class CacheSettings(BaseModel):
@@ -280,6 +372,35 @@ class KvRouterSettings(BaseModel):
     )
 
 
+class TracingSettings(BaseModel):
+    """`[tracing]`: OpenTelemetry spans of each request (docs/operations.md#tracing).
+
+    Off unless an exporter is named; off, a request pays a few `None` checks.
+    """
+
+    otlp_endpoint: str | None = Field(
+        None,
+        description="OTLP/HTTP collector, e.g. http://127.0.0.1:4318 (/v1/traces is added "
+        "when the URL has no path); needs the `tracing` extra",
+    )
+    span_file: Path | None = Field(
+        None, description="also write finished spans here, one JSON object per line"
+    )
+    service_name: str | None = Field(
+        None, description="service.name of the spans (default: dynamo-gateway-<command>)"
+    )
+    sample_ratio: float = Field(
+        1.0,
+        ge=0.0,
+        le=1.0,
+        description="share of new traces recorded; a client's traceparent decides for its own",
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.otlp_endpoint or self.span_file)
+
+
 class ServedModel(BaseModel):
     """One model to serve: a local directory and the name clients ask for."""
 
@@ -302,6 +423,9 @@ class Settings(BaseSettings):
     )
     trace_hooks: bool = False
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["text", "json"] = Field(
+        "text", description="json: one JSON object per log line (time, level, request_id, ...)"
+    )
 
     models: list[ServedModel] = Field(
         default_factory=list, description="models to serve, each with its own worker pool"
@@ -331,6 +455,7 @@ class Settings(BaseSettings):
     kv_router: KvRouterSettings = Field(default_factory=KvRouterSettings)
     disagg: DisaggSettings = Field(default_factory=DisaggSettings)
     kvbm: KvbmSettings = Field(default_factory=KvbmSettings)
+    tracing: TracingSettings = Field(default_factory=TracingSettings)
     plugin_config: dict[str, dict[str, Any]] = Field(default_factory=dict)
     engine_args: list[str] = Field(
         default_factory=list,
@@ -400,7 +525,13 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
         return Settings(**overrides)
     except ConfigError:
         raise
-    except ValueError as exc:  # pydantic.ValidationError is a ValueError
+    except ValidationError as exc:
+        # Without the input values: settings hold API keys and the admin key.
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors(include_url=False)
+        )
+        raise ConfigError(f"invalid settings: {problems}") from None
+    except ValueError as exc:
         raise ConfigError(f"invalid settings: {exc}") from exc
     finally:
         _config_file.reset(token)

@@ -37,19 +37,19 @@ from dynamo_gateway.errors import (
     NotFoundError,
     UnavailableError,
 )
+from dynamo_gateway.frontend import lifecycle
+from dynamo_gateway.frontend.admin import Drain, admin_routes
 from dynamo_gateway.frontend.encoding import error_body
 from dynamo_gateway.frontend.generation import complete_response, stream_response
 from dynamo_gateway.frontend.http import (
-    Admission,
-    ApiKeys,
     DisconnectWatcher,
     JSONBytes,
     SSEResponse,
-    Ticket,
     error_response,
     read_body,
 )
 from dynamo_gateway.frontend.metrics import FrontendMetrics, counter, gauge
+from dynamo_gateway.frontend.openapi import openapi_json
 from dynamo_gateway.frontend.preparation import (
     OutputParsers,
     Prepared,
@@ -57,6 +57,8 @@ from dynamo_gateway.frontend.preparation import (
     prepare_completion,
 )
 from dynamo_gateway.frontend.responses import ResponseBuilder
+from dynamo_gateway.frontend.status import RecentErrors, status_routes
+from dynamo_gateway.frontend.tenants import UNAUTHENTICATED, Gate, Ticket
 from dynamo_gateway.protocol.openai import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -64,7 +66,7 @@ from dynamo_gateway.protocol.openai import (
     decode_request,
 )
 from dynamo_gateway.protocol.responses import ResponsesRequest, to_chat
-from dynamo_gateway.runtime.pool import ModelManager
+from dynamo_gateway.runtime.pool import ModelManager, ModelPool
 from dynamo_gateway.settings import Settings
 
 if TYPE_CHECKING:
@@ -130,6 +132,24 @@ class _RouterMetrics:
         ]
 
 
+def _model_info(pools: dict[str, ModelPool]) -> list[Metric]:
+    """Dynamo's per-model configuration gauges (``dynamo_frontend_model_*``)."""
+    context = gauge("model_context_length", "Context window of the model, in tokens", ["model"])
+    block = gauge("model_kv_cache_block_size", "KV block size of the model's workers", ["model"])
+    migration = gauge(
+        "model_migration_limit", "Times a request may move to another worker", ["model"]
+    )
+    for name, pool in pools.items():
+        context.add_metric([name], pool.card.max_model_len)
+        sizes = [
+            w.view.block_size for w in [*pool.workers.values(), *pool.prefill_workers.values()]
+        ]
+        if sizes:
+            block.add_metric([name], max(sizes))
+        migration.add_metric([name], pool.migration_limit)
+    return [context, block, migration]
+
+
 class Gateway:
     """State shared by the endpoints of one frontend."""
 
@@ -137,11 +157,14 @@ class Gateway:
         self.settings = settings
         self.manager = manager
         fe = settings.frontend
-        self.keys = ApiKeys(fe.api_keys)
-        self.admission = Admission(fe.max_inflight, fe.retry_after_s)
+        self.gate = Gate(fe)  # API keys -> tenants, their limits, fair admission
+        self.admission = self.gate.queue  # `.inflight`: requests holding a slot
+        self.drain = Drain()  # POST /admin/drain
         self.metrics = FrontendMetrics()
         self.metrics.add_collector(self._worker_metrics)
+        self.metrics.add_collector(self.gate.metrics)
         self.started = int(time.time())
+        self.recent_errors = RecentErrors()  # for /status
         self.fleet: LocalFleet | None = None  # the embedded gateway's in-process workers
         self.parsers = OutputParsers(
             manager.registry, fe.tool_call_parser, fe.reasoning_parser
@@ -210,6 +233,7 @@ class Gateway:
             kv_events,
             kv_resyncs,
             *router_metrics.families(),
+            *_model_info(self.manager.pools),
         ]
 
     # -- generation endpoints --------------------------------------------------
@@ -225,13 +249,19 @@ class Gateway:
 
     async def _generate(self, request: Request, endpoint: Endpoint) -> Response:
         model = "-"
+        tenant = UNAUTHENTICATED
         ticket: Ticket | None = None
         watcher: DisconnectWatcher | None = None
         handed_off = False
         try:
-            self.keys.check(request)
-            ticket = self.admission.enter()
-            body = await read_body(request, self.settings.frontend.max_body_bytes)
+            tenant = self.gate.authenticate(request.headers.get("authorization", ""))
+            if self.drain.everything:
+                raise self._draining()
+            self.gate.check_rates(tenant)  # 429 rate_limit_exceeded
+            ticket = await self.gate.enter(tenant)  # may wait its turn; 429 too_many_requests
+            lifecycle.phase("preprocess")  # body, decode, template, tokens (tracing on)
+            fe = self.settings.frontend
+            body = await read_body(request, fe.max_body_bytes, fe.body_timeout_s)
             session = request.headers.get("x-session-id")
             responses_req: ResponsesRequest | None = None
             if endpoint == "completions":
@@ -248,13 +278,18 @@ class Gateway:
                 model = chat_req.model
                 pool = self.manager.get(model)
                 prep = await prepare_chat(pool, chat_req, session, self.parsers)
+            lifecycle.phase_done()
+            if self.drain.blocks(model):
+                raise self._draining(model)
             if not pool.workers:
                 raise UnavailableError(f"no live worker serves model {model!r}", retry_after=1)
+            self.gate.charge(tenant, prompt=prep.prompt_tokens)
             prep.stream_interval = self.settings.frontend.stream_interval
             watcher = DisconnectWatcher(request.receive)
             watcher.start()
-            mm = self.metrics.model(model)
+            mm = self.gate.metered(self.metrics.model(model, tenant), tenant)
             mm.inflight.inc()
+            lifecycle.admitted(mm, text_req.nvext if endpoint == "completions" else chat_req.nvext)
             builder = (
                 ResponseBuilder(responses_req, prep, mm) if responses_req is not None else None
             )
@@ -262,10 +297,14 @@ class Gateway:
                 prepared = prep
 
                 async def produce(emit: Callable[[bytes], Awaitable[None]]) -> None:
-                    if builder is not None:
-                        await builder.stream(emit)
-                    else:
-                        await stream_response(prepared, mm, emit)
+                    try:
+                        if builder is not None:
+                            await builder.stream(emit)
+                        else:
+                            await stream_response(prepared, mm, emit)
+                    except ClientError as exc:  # SSEResponse sends it; counted in on_close
+                        self.recent_errors.add(model, endpoint, exc.status, exc.type, exc.message)
+                        raise
 
                 admitted = ticket
 
@@ -273,7 +312,7 @@ class Gateway:
                     mm.inflight.dec()
                     admitted.release()
                     status = CLIENT_CLOSED if disconnected else status
-                    self.metrics.requests.labels(model, endpoint, str(status)).inc()
+                    self.metrics.requests.labels(model, endpoint, str(status), tenant).inc()
 
                 handed_off = True
                 return SSEResponse(produce, watcher, on_close)
@@ -284,18 +323,18 @@ class Gateway:
                     result = await complete_response(prep, mm)
             finally:
                 mm.inflight.dec()
-            self.metrics.requests.labels(model, endpoint, "200").inc()
+            self.metrics.requests.labels(model, endpoint, "200", tenant).inc()
             return JSONBytes(msgspec.json.encode(result))
         except asyncio.CancelledError:
             if watcher is None or not watcher.absorb():
                 raise
-            self.metrics.requests.labels(model, endpoint, str(CLIENT_CLOSED)).inc()
+            self.metrics.requests.labels(model, endpoint, str(CLIENT_CLOSED), tenant).inc()
             return Response(status_code=CLIENT_CLOSED)
         except ClientError as exc:
-            self._count_error(model, endpoint, exc.status, exc.type)
+            self._count_error(model, endpoint, exc.status, exc.type, exc.message, tenant)
             return error_response(exc)
         except EngineError as exc:
-            self._count_error(model, endpoint, exc.status, exc.type)
+            self._count_error(model, endpoint, exc.status, exc.type, str(exc), tenant)
             log.error("engine error: %s", exc)
             return JSONBytes(
                 msgspec.json.encode(error_body(str(exc), exc.type, code=exc.code)), status_code=500
@@ -307,14 +346,31 @@ class Gateway:
                 if watcher is not None:
                     watcher.stop()
 
-    def _count_error(self, model: str, endpoint: str, status: int, type_: str) -> None:
-        self.metrics.requests.labels(model, endpoint, str(status)).inc()
+    def _count_error(
+        self,
+        model: str,
+        endpoint: str,
+        status: int,
+        type_: str,
+        message: str,
+        tenant: str = UNAUTHENTICATED,
+    ) -> None:
+        self.metrics.requests.labels(model, endpoint, str(status), tenant).inc()
         self.metrics.errors.labels(type_).inc()
+        self.recent_errors.add(model, endpoint, status, type_, message)
+
+    def _draining(self, model: str | None = None) -> UnavailableError:
+        what = f"model {model!r}" if model is not None else "the gateway"
+        return UnavailableError(
+            f"{what} is draining and admits no new requests",
+            code="draining",
+            retry_after=self.settings.frontend.retry_after_s,
+        )
 
     # -- other endpoints ------------------------------------------------------------
 
     async def models(self, request: Request) -> Response:
-        self.keys.check(request)
+        self.gate.authenticate(request.headers.get("authorization", ""))
         data = [
             {
                 "id": name,
@@ -334,7 +390,14 @@ class Gateway:
         models = {name: pool.live_workers() for name, pool in self.manager.pools.items()}
         # A model is servable once it has a worker that decodes (prefill-only ones can't).
         ready = bool(models) and all(p.workers for p in self.manager.pools.values())
-        body = {"status": "ready" if ready else "not ready", "models": models}
+        body: dict[str, Any] = {"status": "ready" if ready else "not ready", "models": models}
+        if self.drain.active:
+            # Draining the frontend (or every model) takes it out of a load balancer;
+            # one drained model among others only shows here.
+            body["draining"] = ["*"] if self.drain.everything else sorted(self.drain.models)
+            if self.drain.everything or set(models) <= self.drain.models:
+                ready = False
+                body["status"] = "draining"
         return JSONBytes(msgspec.json.encode(body), status_code=200 if ready else 503)
 
     async def health(self, request: Request) -> Response:
@@ -381,11 +444,13 @@ class GatewayApp:
         if scope["type"] == "http" and scope["method"] == "POST":
             handler = self._fast.get(scope["path"])
             if handler is not None:
-                try:
-                    response = await handler(Request(scope, receive))
-                except Exception as exc:  # a bug, not bad input: still an OpenAI body
-                    response = _internal_error(self.gateway, scope["path"], exc)
-                await response(scope, receive, send)
+                # Request id (in every response and log line), trace, timing: `lifecycle`.
+                with lifecycle.RequestLifecycle.begin(scope) as life:
+                    try:
+                        response = await handler(Request(scope, receive))
+                    except Exception as exc:  # a bug, not bad input: still an OpenAI body
+                        response = _internal_error(self.gateway, scope["path"], exc)
+                    await response(scope, receive, life.send(send))
                 return
         await self.fallback(scope, receive, send)
 
@@ -393,11 +458,19 @@ class GatewayApp:
 def _internal_error(gateway: Gateway, path: str, exc: Exception) -> Response:
     log.exception("unhandled error on %s", path, exc_info=exc)
     gateway.metrics.errors.labels("server_error").inc()
+    # The exception's text may hold anything: /status shows only its class.
+    gateway.recent_errors.add("-", path, 500, "server_error", type(exc).__name__)
     body = error_body("internal server error", "server_error", code="internal_error")
     return JSONBytes(msgspec.json.encode(body), status_code=500)
 
 
 def build_app(gateway: Gateway) -> GatewayApp:
+    # Built once, at start: a document that cannot be built fails `serve`, not a request.
+    document = openapi_json()
+
+    async def openapi(request: Request) -> Response:
+        return JSONBytes(document)
+
     routes = [
         Route("/v1/chat/completions", gateway.chat_completions, methods=["POST"]),
         Route("/v1/completions", gateway.completions, methods=["POST"]),
@@ -407,12 +480,19 @@ def build_app(gateway: Gateway) -> GatewayApp:
         Route("/live", gateway.live, methods=["GET"]),
         Route("/ready", gateway.ready, methods=["GET"]),
         Route("/metrics", gateway.prometheus, methods=["GET"]),
+        *status_routes(gateway),
+        Route("/openapi.json", openapi, methods=["GET"]),
     ]
+    fe = gateway.settings.frontend
+    if fe.admin_port is None and fe.admin_key is not None:  # else its own port, or none
+        routes += admin_routes(gateway, fe.admin_key.get_secret_value())
 
     async def on_http_exception(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
         if exc.status_code == 405:
-            return error_response(MethodNotAllowedError(f"method {request.method} not allowed"))
+            response = error_response(MethodNotAllowedError(f"method {request.method} not allowed"))
+            response.headers.update(exc.headers or {})  # RFC 9110: a 405 names its Allow
+            return response
         if exc.status_code == 404:
             return error_response(NotFoundError(f"no route for {request.url.path}"))
         return error_response(ClientError(str(exc.detail)))

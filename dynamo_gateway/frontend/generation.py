@@ -15,8 +15,9 @@ and ``tool_calls`` deltas; one without keeps the plain text path.
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dynamo_gateway import clock
 from dynamo_gateway.disagg.flow import DisaggRouted
@@ -31,6 +32,7 @@ from dynamo_gateway.frontend.encoding import (
     sse,
     usage_dict,
 )
+from dynamo_gateway.frontend.lifecycle import CURRENT, RequestLifecycle, stream_ended
 from dynamo_gateway.frontend.metrics import ModelMetrics
 from dynamo_gateway.frontend.preparation import Choice, Prepared
 from dynamo_gateway.frontend.shaping import Piece, Shaped, Shaper
@@ -38,6 +40,9 @@ from dynamo_gateway.parsers import ContentDelta
 from dynamo_gateway.preprocess import IncrementalDetokenizer
 from dynamo_gateway.protocol.engine import EngineOutput, FinishReason, TokenLogprob
 from dynamo_gateway.runtime.pool import Routed
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Span
 
 _FINISH = {
     FinishReason.STOP: "stop",
@@ -58,10 +63,12 @@ class ChoiceRun:
         "detok",
         "error",
         "finish_reason",
+        "life",
         "logprobs",
         "metrics",
         "prep",
         "shaper",
+        "span",
         "text_len",
         "tool_calls",
     )
@@ -83,10 +90,27 @@ class ChoiceRun:
         self.text_len = 0
         self.shaper: Shaper | None = prep.shape.shaper() if prep.shape is not None else None
         self.tool_calls = 0  # calls the shaper found (finish_reason "tool_calls")
+        self.life: RequestLifecycle | None = CURRENT.get()  # None outside an HTTP request
+        self.span: Span | None = None  # this choice's "stream" span (tracing on)
 
     def _route(self) -> Routed | DisaggRouted:
         c = self.choice
-        return self.prep.pool.route(c.route, c.engine_request)
+        if self.life is None:
+            return self.prep.pool.route(c.route, c.engine_request)
+        routed, self.span = self.life.route(self.prep.pool, c)
+        return routed
+
+    def _first_token(self, routed: Routed | DisaggRouted) -> None:
+        routed.first_token()
+        if self.life is not None:
+            self.life.first_token()
+
+    def _ended(self) -> None:
+        """End the choice's span (in a `finally`: the exception in flight is its error)."""
+        if self.span is not None:
+            error = self.error or sys.exc_info()[1]
+            stream_ended(self.span, self.completion_tokens, self.finish_reason, error)
+            self.span = None
 
     def _end(self, out: EngineOutput) -> bool:
         """Record a terminal output; True if the stream is over."""
@@ -129,7 +153,7 @@ class ChoiceRun:
         try:
             outs = routed.outputs
             out = await anext(outs)
-            routed.first_token()
+            self._first_token(routed)
             if out.cached_tokens is not None:
                 self.cached_tokens = out.cached_tokens
             now = perf()
@@ -192,6 +216,7 @@ class ChoiceRun:
             self.error = exc
         finally:
             await routed.close()
+            self._ended()
         if self.error is not None:
             return
         tail = "".join(held) + ("" if detok.stopped else detok.flush())
@@ -242,7 +267,7 @@ class ChoiceRun:
                 now = clock.now()
                 if first:
                     first = False
-                    routed.first_token()
+                    self._first_token(routed)
                     self.metrics.ttft.observe(now - last)
                     if out.cached_tokens is not None:
                         self.cached_tokens = out.cached_tokens
@@ -261,6 +286,7 @@ class ChoiceRun:
                 self.error = EngineError("the engine stream ended without a finish reason")
         finally:
             await routed.close()
+            self._ended()
         if self.error is not None:
             raise self.error
         tail = "" if detok.stopped else detok.flush()
@@ -292,7 +318,7 @@ class ChoiceRun:
             async for out in routed.outputs:
                 if first:
                     first = False
-                    routed.first_token()
+                    self._first_token(routed)
                     self.metrics.ttft.observe(clock.now() - self.prep.started)
                     if out.cached_tokens is not None:
                         self.cached_tokens = out.cached_tokens
@@ -307,6 +333,7 @@ class ChoiceRun:
                 self.error = EngineError("the engine stream ended without a finish reason")
         finally:
             await routed.close()
+            self._ended()
         if self.error is not None:
             raise self.error
         if not detok.stopped:
@@ -333,6 +360,9 @@ def account(prep: Prepared, runs: list[ChoiceRun], metrics: ModelMetrics) -> dic
     cached = usage["prompt_tokens_details"]["cached_tokens"]
     if cached:
         metrics.cached_tokens.inc(cached)
+    metrics.isl.observe(usage["prompt_tokens"])
+    metrics.osl.observe(usage["completion_tokens"])
+    metrics.cached_per_request.observe(cached)
     return usage
 
 
@@ -353,7 +383,26 @@ async def stream_response(prep: Prepared, metrics: ModelMetrics, emit: Emit) -> 
     usage = account(prep, runs, metrics)
     if prep.include_usage:
         tail += enc.usage(usage)
+    nvext = _nvext()
+    if nvext is not None:  # Dynamo's response metadata: its own chunk, the last one
+        tail += sse(_chunk_envelope(prep) | {"nvext": nvext})
     await emit(tail + DONE)
+
+
+def _nvext() -> dict[str, Any] | None:
+    """The current request's ``nvext`` response metadata, if it asked for any."""
+    life = CURRENT.get()
+    return life.nvext() if life is not None else None
+
+
+def _chunk_envelope(prep: Prepared) -> dict[str, Any]:
+    return {
+        "id": prep.response_id,
+        "object": "chat.completion.chunk" if prep.chat else "text_completion",
+        "created": prep.created,
+        "model": prep.model,
+        "choices": [],
+    }
 
 
 async def _interleave(runs: list[ChoiceRun], enc: ChunkEncoder, emit: Emit) -> None:
@@ -407,7 +456,7 @@ async def complete_response(prep: Prepared, metrics: ModelMetrics) -> dict[str, 
         choice["logprobs"] = lp
         choice["finish_reason"] = run._finish() or "stop"
         choices.append(choice)
-    return {
+    body = {
         "id": prep.response_id,
         "object": "chat.completion" if prep.chat else "text_completion",
         "created": prep.created,
@@ -415,6 +464,10 @@ async def complete_response(prep: Prepared, metrics: ModelMetrics) -> dict[str, 
         "choices": choices,
         "usage": account(prep, runs, metrics),
     }
+    nvext = _nvext()
+    if nvext is not None:
+        body["nvext"] = nvext
+    return body
 
 
 async def _gather_or_cancel(

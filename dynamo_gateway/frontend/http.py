@@ -1,22 +1,19 @@
-"""HTTP plumbing: bounded body reading, API keys, admission, disconnects, error responses."""
+"""HTTP plumbing: bounded body reading, disconnects, error responses.
+
+API keys and admission are the tenants' business (`dynamo_gateway.frontend.tenants`).
+"""
 
 from __future__ import annotations
 
 import asyncio
-import hmac
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 
 import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from dynamo_gateway.errors import (
-    AuthenticationError,
-    ClientError,
-    OverloadedError,
-    PayloadTooLargeError,
-)
+from dynamo_gateway.errors import ClientError, PayloadTooLargeError, RequestTimeoutError
 from dynamo_gateway.frontend.encoding import error_body
 
 
@@ -32,73 +29,28 @@ class JSONBytes(Response):
     media_type = "application/json"
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The whole body, or PayloadTooLargeError as soon as it passes `limit` bytes."""
+async def read_body(request: Request, limit: int, timeout: float | None = None) -> bytes:
+    """The whole body, or PayloadTooLargeError as soon as it passes `limit` bytes, or
+    RequestTimeoutError when it has not all arrived after `timeout` seconds."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLargeError(f"request body is larger than the limit of {limit} bytes")
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLargeError(f"request body is larger than the limit of {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLargeError(
+                        f"request body is larger than the limit of {limit} bytes"
+                    )
+                chunks.append(chunk)
+    except TimeoutError:
+        raise RequestTimeoutError(
+            f"request body not received in full within {timeout:g} s ({size} bytes came)"
+        ) from None
     return b"".join(chunks)
-
-
-class ApiKeys:
-    """Bearer-token check; constant-time against every configured key."""
-
-    def __init__(self, keys: Sequence[str]) -> None:
-        self._keys = [k.encode() for k in keys if k]
-
-    def __bool__(self) -> bool:
-        return bool(self._keys)
-
-    def check(self, request: Request) -> None:
-        if not self._keys:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        given = token.strip().encode() if scheme.lower() == "bearer" else b""
-        ok = False
-        for key in self._keys:
-            ok |= hmac.compare_digest(given, key)
-        if not ok:
-            raise AuthenticationError(
-                "Incorrect or missing API key. Pass it as 'Authorization: Bearer <key>'."
-            )
-
-
-class Admission:
-    """At most `limit` requests in flight; beyond it, 429 with Retry-After."""
-
-    def __init__(self, limit: int, retry_after: int) -> None:
-        self.limit = limit
-        self.retry_after = retry_after
-        self.inflight = 0
-
-    def enter(self) -> Ticket:
-        if self.inflight >= self.limit:
-            raise OverloadedError(
-                f"the gateway is at its limit of {self.limit} requests in flight; retry later",
-                retry_after=self.retry_after,
-            )
-        self.inflight += 1
-        return Ticket(self)
-
-
-class Ticket:
-    __slots__ = ("_admission",)
-
-    def __init__(self, admission: Admission) -> None:
-        self._admission: Admission | None = admission
-
-    def release(self) -> None:
-        if self._admission is not None:
-            self._admission.inflight -= 1
-            self._admission = None
 
 
 class DisconnectWatcher:

@@ -6,6 +6,8 @@ for demands, turns them into decisions (`policy.decide`: limits, cool-down,
 budget) and has the connector carry them out - adding workers, or draining the
 least busy of its own. Every decision is logged with its inputs and shown as
 ``dynamo_gateway_planner_*`` metrics; with ``dry_run`` nothing is carried out.
+Decisions that change a pool also go out on the event plane
+(`PlannerDecision` on ``planner.decisions``) for the frontends' /status page.
 """
 
 from __future__ import annotations
@@ -43,7 +45,13 @@ from dynamo_gateway.planner.policy import Decision, PlannerPolicy, Stabilizer, d
 from dynamo_gateway.protocol.engine import LoadMetrics
 from dynamo_gateway.runtime.connect import connect_discovery, connect_events
 from dynamo_gateway.runtime.discovery import ChangeKind, Discovery, WorkerRecord
-from dynamo_gateway.runtime.events import EventPlane, LoadReport, load_topic
+from dynamo_gateway.runtime.events import (
+    PLANNER_DECISIONS_TOPIC,
+    EventPlane,
+    LoadReport,
+    PlannerDecision,
+    load_topic,
+)
 from dynamo_gateway.runtime.status import StatusServer
 
 log = logging.getLogger(__name__)
@@ -301,6 +309,16 @@ class Planner:
                 f"policy wanted {d.wanted}", load.live, load.starting, load.draining,
                 load.active_requests, load.waiting_requests, 100 * load.kv_usage, d.reason,
             )  # fmt: skip
+            if d.change:
+                self.events.publish(
+                    PLANNER_DECISIONS_TOPIC,
+                    PlannerDecision(
+                        time=time.time(), model=d.pool.model, role=d.pool.role.value,
+                        current=d.current, target=d.target, wanted=d.wanted, reason=d.reason,
+                        live=load.live, starting=load.starting, draining=load.draining,
+                        dry_run=self.config.dry_run,
+                    ),
+                )  # fmt: skip
         for model, t in observation.traffic.items():
             m.rate.labels(model).set(t.request_rate)
             if t.ttft_attainment is not None:

@@ -82,6 +82,16 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
     constraint: Constraint | None = None
 
 
+class RequestContext(msgspec.Struct, frozen=True, kw_only=True):
+    """What a worker needs to tie its work to the client's request: the request id
+    its log lines carry and the W3C trace context of the caller's span (empty
+    strings when the frontend does not trace)."""
+
+    request_id: str = ""  # X-Request-Id (the client's, or the frontend's own)
+    traceparent: str = ""  # W3C ``traceparent`` of the span that called this worker
+    tracestate: str = ""
+
+
 class EngineRequest(msgspec.Struct, frozen=True, kw_only=True):
     """One sequence to generate. `n > 1` is fanned out by the frontend."""
 
@@ -97,6 +107,8 @@ class EngineRequest(msgspec.Struct, frozen=True, kw_only=True):
     # Disaggregated serving (`dynamo_gateway.disagg.params`): {"do_remote_decode": true}
     # on a prefill leg, the prefill leg's handoff on a decode leg; owned by the engine.
     kv_transfer_params: dict[str, Any] | None = None
+    # Set by the frontend: request id and trace context for the worker's logs and spans.
+    context: RequestContext | None = None
 
 
 class TokenLogprob(msgspec.Struct, frozen=True, array_like=True):

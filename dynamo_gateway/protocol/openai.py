@@ -111,6 +111,18 @@ class StructuredOutputs(_Body, kw_only=True):
     json_object: bool | None = None
 
 
+class NvExt(_Body, kw_only=True):
+    """NVIDIA Dynamo's request extensions (``nvext``), the part the gateway acts on.
+
+    ``extra_fields`` asks for response metadata, as in Dynamo: ``"worker_id"`` (the
+    workers that served the request) and ``"timing"`` (queue, routing, TTFT and
+    total time), returned in the body's ``nvext`` or the last streamed chunk's.
+    Dynamo's other ``nvext`` fields are refused like any unknown field.
+    """
+
+    extra_fields: list[Literal["worker_id", "timing"]] | None = None
+
+
 Bias = Annotated[float, Meta(ge=-100.0, le=100.0)]
 
 
@@ -146,6 +158,7 @@ class _Sampling(_Body, kw_only=True):
     metadata: dict[str, str] | None = None
     store: bool = False
     service_tier: Literal["auto", "default"] | None = None
+    nvext: NvExt | None = None  # Dynamo's extensions: response metadata on request
 
 
 class ChatCompletionRequest(_Sampling, kw_only=True):
@@ -202,6 +215,10 @@ def decode_body(body: bytes, kind: type[B]) -> B:
     except msgspec.DecodeError as exc:
         raise InvalidRequestError(
             f"We could not parse the JSON body of your request: {exc}", code="invalid_json"
+        ) from None
+    except RecursionError:  # msgspec's depth guard on a deeply nested object
+        raise InvalidRequestError(
+            "The JSON body of your request is nested too deeply", code="invalid_json"
         ) from None
 
 

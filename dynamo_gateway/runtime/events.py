@@ -48,6 +48,26 @@ class LoadReport(msgspec.Struct, frozen=True, kw_only=True):
     kv_event_id: int | None = None
 
 
+PLANNER_DECISIONS_TOPIC = "planner.decisions"
+"""Topic of the planner's `PlannerDecision`s (every model's)."""
+
+
+class PlannerDecision(msgspec.Struct, frozen=True, kw_only=True):
+    """A planner decision that changes a pool, published for the frontends' /status."""
+
+    time: float  # wall clock (Unix seconds) when it was decided
+    model: str
+    role: str
+    current: int  # live + starting workers before the decision
+    target: int  # workers the planner asks for
+    wanted: int  # what the policy wanted, before limits, cool-down and budget
+    reason: str
+    live: int = 0
+    starting: int = 0
+    draining: int = 0
+    dry_run: bool = False  # decided and logged, not carried out
+
+
 LOAD_REPORT_INTERVAL_S = 0.1  # a changed load goes out this often at most
 LOAD_HEARTBEAT_S = 1.0  # an unchanged one this often
 

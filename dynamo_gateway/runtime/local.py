@@ -25,6 +25,7 @@ from dynamo_gateway.protocol.kv_events import KvEvent
 from dynamo_gateway.runtime.discovery import Discovery, WorkerRecord
 from dynamo_gateway.runtime.events import EventPlane, kv_events_topic, load_topic, report_load
 from dynamo_gateway.runtime.pool import InprocResolver
+from dynamo_gateway.telemetry import tracing
 
 if TYPE_CHECKING:
     from dynamo_gateway.registry import Registry
@@ -71,6 +72,7 @@ class LocalFleet:
             )
         )  # fmt: skip
         await engine.start()
+        tracing.instrument_kv_transfers(engine)  # tracing on: kv_transfer spans
         self.engines[worker_id] = engine
         record = WorkerRecord(
             worker_id=worker_id,

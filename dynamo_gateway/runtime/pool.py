@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
+from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
@@ -39,8 +40,16 @@ from dynamo_gateway.router.base import (
     WorkerView,
 )
 from dynamo_gateway.runtime.discovery import ChangeKind, Discovery, DiscoveryEvent, WorkerRecord
-from dynamo_gateway.runtime.events import EventPlane, LoadReport, kv_events_topic, load_topic
+from dynamo_gateway.runtime.events import (
+    PLANNER_DECISIONS_TOPIC,
+    EventPlane,
+    LoadReport,
+    PlannerDecision,
+    kv_events_topic,
+    load_topic,
+)
 from dynamo_gateway.runtime.kv_sync import KvEventSync, engine_kv_snapshot
+from dynamo_gateway.telemetry import tracing
 
 if TYPE_CHECKING:
     from dynamo_gateway.registry import Registry
@@ -49,6 +58,8 @@ if TYPE_CHECKING:
 from dynamo_gateway.settings import DisaggSettings
 
 log = logging.getLogger(__name__)
+
+PLANNER_DECISIONS_KEPT = 20  # the planner's recent decisions a frontend keeps for /status
 
 
 class WorkerHandle(Protocol):
@@ -81,7 +92,8 @@ class LocalWorker:
         )
 
     def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
-        return self.engine.generate(request)
+        # Tracing on: the call's span, whose context the request carries (else as is).
+        return tracing.worker_call(self.record.worker_id, request, self.engine.generate)
 
     async def abort(self, request_id: str) -> None:
         await self.engine.abort(request_id)
@@ -571,7 +583,8 @@ class ModelManager:
 
     With an event plane it also follows each model's load reports (remote
     workers' `view.load`) and KV events (the router's view of every cache,
-    re-synced from a worker's snapshot after a gap; see `kv_sync`).
+    re-synced from a worker's snapshot after a gap; see `kv_sync`), and, while
+    `follow()` runs, keeps the planner's last decisions (`planner_decisions`).
     """
 
     def __init__(
@@ -596,6 +609,8 @@ class ModelManager:
         self._closing: set[asyncio.Task[None]] = set()
         # Names this frontend in router replica sync messages.
         self.frontend_id = uuid.uuid4().hex[:12]
+        self.planner_decisions: deque[PlannerDecision] = deque(maxlen=PLANNER_DECISIONS_KEPT)
+        self._planner_feed: asyncio.Task[None] | None = None
 
     def get(self, model: str) -> ModelPool:
         pool = self.pools.get(model)
@@ -607,6 +622,10 @@ class ModelManager:
 
     async def follow(self, discovery: Discovery) -> None:
         """Apply discovery changes until the watch ends (run as a task)."""
+        if self.events is not None and self._planner_feed is None:
+            self._planner_feed = asyncio.get_running_loop().create_task(
+                self._feed_planner_decisions(), name="planner-decisions"
+            )
         async for event in discovery.watch():
             try:
                 self.apply(event)
@@ -758,7 +777,16 @@ class ModelManager:
             if sync.frontend != self.frontend_id:
                 pool.apply_sync(sync)
 
+    async def _feed_planner_decisions(self) -> None:
+        assert self.events is not None
+        async for decision in self.events.subscribe(PLANNER_DECISIONS_TOPIC, PlannerDecision):
+            self.planner_decisions.append(decision)
+
     async def aclose(self) -> None:
+        if self._planner_feed is not None:
+            self._planner_feed.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._planner_feed
         for pool in list(self.pools.values()):
             self._drop_pool(pool)
             for task in pool.tasks:

@@ -19,6 +19,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+from collections.abc import AsyncIterator
 from typing import Any, TypeVar
 
 import msgspec
@@ -44,6 +45,7 @@ from dynamo_gateway.runtime.wire import (
     Reply,
     Rpc,
 )
+from dynamo_gateway.telemetry import tracing
 
 log = logging.getLogger(__name__)
 
@@ -288,7 +290,11 @@ class RemoteWorker:
 
     # -- WorkerHandle ----------------------------------------------------------------------
 
-    def generate(self, request: EngineRequest) -> RemoteCall:
+    def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
+        # Tracing on: the call's span, whose context the request carries (else as is).
+        return tracing.worker_call(self.record.worker_id, request, self._call)
+
+    def _call(self, request: EngineRequest) -> RemoteCall:
         return RemoteCall(self, request)
 
     async def abort(self, request_id: str) -> None:

@@ -39,6 +39,8 @@ from dynamo_gateway.runtime.wire import (
     Rpc,
     encode_result,
 )
+from dynamo_gateway.telemetry import tracing
+from dynamo_gateway.telemetry.logs import REQUEST_ID, TRACE_ID, trace_id_of
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +48,11 @@ log = logging.getLogger(__name__)
 class RequestPlaneServer:
     """Serves `engine` on ``tcp://host:port`` (port 0 picks a free one)."""
 
-    def __init__(self, engine: Engine, *, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self, engine: Engine, *, host: str = "127.0.0.1", port: int = 0, worker_id: str = ""
+    ) -> None:
         self.engine = engine
+        self.worker_id = worker_id  # names the engine spans (tracing on)
         self.host = host
         self.port = port
         self.draining = False
@@ -166,10 +171,17 @@ class _ServerConnection(FrameConnection):
     async def _generate(self, call: Call) -> None:
         server = self._server
         stream = call.stream
+        request = call.request
         outputs: Any = None
+        # This task serves one request: its log lines carry the client's request id.
+        context = request.context
+        if context is not None:
+            REQUEST_ID.set(context.request_id or None)
+            TRACE_ID.set(trace_id_of(context.traceparent))
+        log.debug("request plane: stream %d runs %s", stream, request.request_id)
         try:
             # Inside the try: an engine may reject a request as soon as generate() is called.
-            outputs = server.engine.generate(call.request)
+            outputs = tracing.engine_call(server.worker_id, request, server.engine.generate)
             async with asyncio.timeout(call.timeout_s):
                 async for out in outputs:
                     if out.finish_reason is FinishReason.ABORT and server.stopping:

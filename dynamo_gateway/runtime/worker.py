@@ -46,6 +46,7 @@ from dynamo_gateway.runtime.events import EventPlane, kv_events_topic, load_topi
 from dynamo_gateway.runtime.local import report_load_of
 from dynamo_gateway.runtime.rpc_server import RequestPlaneServer
 from dynamo_gateway.runtime.status import StatusServer, json_body
+from dynamo_gateway.telemetry import tracing
 
 if TYPE_CHECKING:
     from dynamo_gateway.kvbm.manager import TieredCache
@@ -103,8 +104,11 @@ class Worker:
             )
         )
         await self.engine.start()
+        tracing.instrument_kv_transfers(self.engine)  # tracing on: kv_transfer spans
         ws = settings.worker
-        self.server = RequestPlaneServer(self.engine, host=ws.host, port=ws.port)
+        self.server = RequestPlaneServer(
+            self.engine, host=ws.host, port=ws.port, worker_id=self.worker_id
+        )
         await self.server.start()
         status_address = ""
         if ws.status_port is not None:

@@ -168,9 +168,11 @@ class Cluster:
         proc.worker_id = line.split()[2]
         return proc
 
-    def frontend(self, *args: str, timeout: float = 60.0) -> ClusterProcess:
-        """Start a frontend on a free port and wait until it listens."""
-        port = free_port()
+    def frontend(
+        self, *args: str, port: int | None = None, timeout: float = 60.0
+    ) -> ClusterProcess:
+        """Start a frontend on `port` (default a free one) and wait until it listens."""
+        port = port or free_port()
         argv = ["frontend", "--discovery", self.discovery, "--events", self.events]
         proc = self._spawn("frontend", [*argv, "--port", str(port), *args])
         proc.url = f"http://127.0.0.1:{port}"

@@ -1,6 +1,7 @@
-"""Command-line options and markers: ``--run-slow``, ``--require-engines`` and the
-hardware / engine markers (``gpu``, ``vllm``, ``sglang``, ``trtllm``, ``nixl``,
-``ray``, ``slow``, ``real_model``).
+"""Command-line options and markers: ``--run-slow``, ``--require-engines``,
+``--chaos-seconds`` (how long the ``chaos`` tests run) and the hardware / engine
+markers (``gpu``, ``vllm``, ``sglang``, ``trtllm``, ``nixl``, ``ray``, ``slow``,
+``chaos``, ``real_model``).
 
 A test marked with an engine is skipped when that engine's library cannot be
 imported, one marked ``gpu`` when torch sees no CUDA device; under
@@ -39,6 +40,7 @@ MARKERS = {
     "nixl": "needs NIXL installed",
     "ray": "needs Ray installed (starts a local Ray cluster)",
     "slow": "takes more than a few seconds; run with --run-slow",
+    "chaos": "faults injected into a live cluster under load (CI-sized; --chaos-seconds)",
     "real_model": "serves the real SmolLM2-135M-Instruct checkpoint (fixture real_model)",
 }
 
@@ -50,6 +52,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--require-engines",
         action="store_true",
         help="fail (instead of skip) engine/GPU tests whose engine or device is missing",
+    )
+    group.addoption(
+        "--chaos-seconds",
+        type=float,
+        default=60.0,
+        help="length of the chaos runs (tests marked chaos); the CI size is 60",
     )
 
 

@@ -134,7 +134,16 @@ async def test_prefill_worker_killed_requests_complete_without_leaks(
             asyncio.create_task(complete(client, fe.url, "demo", p, max_tokens))
             for p in PROMPTS * 2
         ]
-        await asyncio.sleep(0.3)  # some prefills done and handed off, others running
+        # Killed once the first prefill has been handed off: others are still running
+        # or waiting to be pulled (a fixed sleep was too early on a busy machine).
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            remote = await asyncio.to_thread(
+                read_metric, fe.url, "dynamo_gateway_remote_prefill_total", model="demo"
+            )
+            if remote >= 1:
+                break
+            await asyncio.sleep(0.01)
         prefill.kill()
         results = await asyncio.wait_for(asyncio.gather(*tasks), 120)
     assert [r["choices"][0]["text"] for r in results] == expected, c.logs()

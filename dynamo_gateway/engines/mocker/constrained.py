@@ -187,6 +187,8 @@ class Picker:
             token = self._reasoning_token(word, r)
         else:
             token = self._free(word, r)
+        if token != word:
+            stream.emitted(token)  # the context holds what was emitted
         self._observe(token, forced_step)
         ends = False
         if matcher is not None:
@@ -203,6 +205,7 @@ class Picker:
     def replay(self, stream: TokenStream, token: int) -> None:
         """Walk past a token generated before (a resumed request), as `next()` would."""
         word = stream.next()
+        stream.emitted(token)
         r = _mix(word ^ (self._n * _GOLDEN & _MASK))
         matcher = self._matcher
         forced_step = False

@@ -258,8 +258,8 @@ class MockerEngine(ScheduledEngine):
         # Tokens generated elsewhere (a prefill worker, a lost worker) were this
         # stream's first words: carry on after them, as one engine would have.
         if picker is None:
-            for _ in request.resumed_token_ids:
-                stream.next()
+            for token in request.resumed_token_ids:
+                stream.resume(token)
         else:
             for token in request.resumed_token_ids:
                 picker.replay(stream, token)

@@ -8,9 +8,14 @@ in SentencePiece), plus ``"."`` and ``","``. A `TokenStream` then draws from
 that list with a 64-bit LCG in plain Python ints, which costs a few hundred ns
 per token and allocates nothing.
 
-Determinism: temperature 0 makes the stream a pure function of the prompt ids;
-a seed makes it a function of (seed, prompt); otherwise it is random. EOS and
-special tokens are never drawn.
+Determinism: temperature 0 makes each token a pure function of the whole context,
+prompt ids and every token emitted before it, as a real model's greedy output is:
+the stream starts from a hash of the prompt and folds each emitted token into its
+state before drawing the next. So a request resumed elsewhere (migration, a
+prefill worker's first token) carries on exactly as it would have, and a token lost
+or duplicated on the way changes everything after it, which the chaos tests check.
+A seed makes the stream a function of (seed, context); otherwise it is random. EOS
+and special tokens are never drawn.
 
 Logprobs are synthetic: every token gets ``-log(len(words))`` (the uniform
 distribution over the word list), and the "top" alternatives are the sampled
@@ -117,7 +122,7 @@ def _single_token(tokenizer: Any, text: str, banned: set[int]) -> int | None:
 class TokenStream:
     """A per-request generator of word ids; `next()` is the hot path."""
 
-    __slots__ = ("_comma", "_n", "_period", "_punct", "_source", "_state", "_words")
+    __slots__ = ("_comma", "_last", "_n", "_period", "_punct", "_source", "_state", "_words")
 
     def __init__(self, source: WordSource, state: int) -> None:
         self._source = source
@@ -126,10 +131,11 @@ class TokenStream:
         self._period = source.period
         self._comma = source.comma
         self._state = state & _MASK
+        self._last = 0  # the token emitted last, folded into the state by next()
         self._punct = True  # no punctuation as the very first token
 
     def next(self) -> int:
-        x = (self._state * _LCG_A + _LCG_C) & _MASK
+        x = ((self._state ^ self._last) * _LCG_A + _LCG_C) & _MASK
         self._state = x
         r = x >> 33
         low = r & 15
@@ -138,9 +144,21 @@ class TokenStream:
             punct = self._period if low == 0 else self._comma
             if punct is not None:
                 self._punct = True
+                self._last = punct
                 return punct
         self._punct = False
-        return self._words[(r >> 4) % self._n]
+        token = self._last = self._words[(r >> 4) % self._n]
+        return token
+
+    def emitted(self, token: int) -> None:
+        """The request emitted `token` instead of `next()`'s word (a constraint or a
+        logit bias chose it): the context, hence the next draw, holds `token`."""
+        self._last = token
+
+    def resume(self, token: int) -> None:
+        """Walk past `token`, generated before this stream existed (a resumed request)."""
+        self.next()
+        self._last = token
 
     def next_with_logprob(self, top_k: int) -> tuple[int, TokenLogprob]:
         """`next()` plus a synthetic logprob with `top_k` alternatives (sampled one first)."""

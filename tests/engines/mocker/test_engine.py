@@ -148,6 +148,25 @@ async def test_seed_is_deterministic_and_seeds_differ(card: ModelCard) -> None:
     assert tokens_of(r1) != tokens_of(r2)  # unseeded sampling is random
 
 
+async def test_greedy_output_is_a_function_of_the_whole_context(card: ModelCard) -> None:
+    # A resumed request (migrated, or decoded after a prefill worker) carries on exactly
+    # as the uninterrupted one; resumed with one token changed, or one duplicated, it
+    # carries on differently, as a real model would: a corrupted stream shows.
+    p = prompt(4, 20)
+    async with make_engine(card) as engine:
+        whole = tokens_of(await collect(engine, make_request("w", p, 24, temperature=0)))
+        head, tail = whole[:8], whole[8:]
+        changed = [*head[:-1], head[-1] + 1 if head[-1] != 299 else 298]
+        resumed, altered, doubled = await asyncio.gather(
+            collect(engine, make_request("r", p, 24, temperature=0, resumed=head)),
+            collect(engine, make_request("a", p, 24, temperature=0, resumed=changed)),
+            collect(engine, make_request("d", p, 25, temperature=0, resumed=[*head, head[-1]])),
+        )
+    assert tokens_of(resumed) == tail
+    assert tokens_of(altered) != tail
+    assert tokens_of(doubled) != tail
+
+
 async def test_logprobs_are_synthetic_uniform(card: ModelCard, model_dir: Path) -> None:
     n_words = len(load_word_source(model_dir, eos_token_ids=(EOS,)).words)
     async with make_engine(card) as engine:

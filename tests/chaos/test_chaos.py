@@ -1,0 +1,126 @@
+"""Chaos: a mocker cluster over real etcd and NATS keeps serving, token for token
+correct, while workers are killed and paused, etcd and NATS restart and the frontend
+restarts (`dynamo_gateway.testing.chaos`); and the same for prefill and decode workers
+moving KV over TCP with a shared Redis tier that restarts empty.
+
+The CI size is 60 s of load with every fault kind at least once; ``--chaos-seconds``
+makes it longer (the soak's figures come from ``benchmarks/chaos_soak.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import pytest
+
+from dynamo_gateway.servers.etcd import EtcdServer
+from dynamo_gateway.servers.nats import NatsServer
+from dynamo_gateway.servers.redis import RedisServer
+from dynamo_gateway.testing import Cluster, read_metric
+from dynamo_gateway.testing.chaos import (
+    FAULT_KINDS,
+    ChaosRun,
+    LoadConfig,
+    Schedule,
+    SteadyLoad,
+    chaos_prompts,
+    report,
+    run_chaos,
+)
+
+pytestmark = pytest.mark.chaos
+
+MakeCluster = Callable[[str, str], Cluster]
+
+
+def _worker_gauge(url: str, name: str) -> list[float]:
+    text = httpx.get(f"{url}/metrics", timeout=5).text
+    return [float(v) for v in re.findall(rf"^dynamo_gateway_{name}{{[^}}]*}} (\S+)$", text, re.M)]
+
+
+def _settled(url: str, timeout: float = 20.0) -> bool:
+    """No request left running, and no KV block held, on any worker."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        active = _worker_gauge(url, "worker_active_requests")
+        used = _worker_gauge(url, "worker_kv_blocks_used")
+        if active and not any(active) and not any(used):
+            return True
+        time.sleep(0.2)
+    return False
+
+
+async def _run(
+    c: Cluster, chaos: ChaosRun, seconds: float, kinds: tuple[str, ...]
+) -> dict[str, Any]:
+    """Start the cluster, take the fault-free answers, run the load through `kinds`;
+    assert what every chaos run must hold, and return the report."""
+    url = await asyncio.to_thread(chaos.start)
+    cfg = LoadConfig(url, concurrency=12, max_tokens=32)
+    prompts = chaos_prompts(documents=6, questions=4)
+    expected = await SteadyLoad.answers(cfg, prompts)
+    load = SteadyLoad(cfg, prompts, expected)
+    # 8 s of clean load, then every kind once (more if --chaos-seconds allows), each
+    # followed by 7 s of clean load.
+    outcomes, started, ended = await run_chaos(
+        chaos, load, Schedule(duration_s=seconds, kinds=kinds)
+    )
+    result = report(outcomes, chaos.faults, started=started, ended=ended)
+    print(json.dumps({k: v for k, v in result.items() if k != "rss_mib"}, indent=1))
+
+    assert set(result["faults_by_kind"]) == set(kinds), result["faults"]
+    assert result["requests"] > 200
+    assert result["failed"] == 0 and result["corrupted"] == 0, (result["failures"], c.logs())
+    # Streams really were cut and resumed elsewhere, not merely spared.
+    migrated = sum(p.log().count("; resuming on ") for p in c.processes if p.name == "frontend")
+    assert migrated >= 1, c.logs()
+    # Nothing leaked: no request left running and no KV block held on any worker.
+    assert chaos.frontend is not None
+    assert _settled(chaos.frontend.url), c.logs()
+    # The KV index recovers after every fault: the hit rate is back within a minute.
+    assert result["kv_hit_rate_before_faults"] > 0.5
+    late = [f for f in result["faults"] if f["kv_recovery_s"] is None]
+    assert not late, late
+    return result
+
+
+async def test_chaos_aggregated_workers(
+    cluster: MakeCluster,
+    etcd_server: EtcdServer,
+    nats_server: NatsServer,
+    request: pytest.FixtureRequest,
+) -> None:
+    c = cluster(etcd_server.url, nats_server.url)
+    workers = [("--speedup", "2")] * 3
+    chaos = ChaosRun(c, etcd_server, nats_server, workers)
+    await _run(c, chaos, request.config.getoption("--chaos-seconds"), FAULT_KINDS)
+
+
+async def test_chaos_disaggregated_workers_with_a_shared_kv_store(
+    cluster: MakeCluster,
+    etcd_server: EtcdServer,
+    nats_server: NatsServer,
+    redis_server: RedisServer,
+    request: pytest.FixtureRequest,
+) -> None:
+    # Two prefill and two decode workers moving KV over TCP, every one offloading to
+    # the same Redis; a prefill worker killed mid-handoff, a decode worker killed
+    # mid-stream, Redis restarted empty under them.
+    c = cluster(etcd_server.url, nats_server.url)
+    common = ("--speedup", "2", "--kv-transport", "tcp", "--kv-remote-url", redis_server.url)
+    workers = [("--role", role, *common) for role in ("prefill", "prefill", "decode", "decode")]
+    frontend = ("--migration-limit", "3", "--disagg-min-prefill-tokens", "64")
+    chaos = ChaosRun(
+        c, etcd_server, nats_server, workers, redis=redis_server, frontend_args=frontend
+    )
+    kinds = ("kill_worker", "restart_redis", "pause_worker", "kill_worker", "restart_nats")
+    result = await _run(c, chaos, request.config.getoption("--chaos-seconds"), kinds)
+    assert chaos.frontend is not None
+    remote = read_metric(chaos.frontend.url, "dynamo_gateway_remote_prefill_total", model="demo")
+    assert remote > 0, result  # the requests really were disaggregated
