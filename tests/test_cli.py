@@ -91,6 +91,17 @@ def test_disagg_flags_reach_the_settings() -> None:
     assert settings.router_name == "kv"
 
 
+def test_connection_flags_reach_the_settings() -> None:
+    from dynamo_gateway.cli import _parser, settings_from_args
+
+    default = settings_from_args(_parser().parse_args(["serve"])).frontend
+    assert (default.keep_alive_s, default.backlog) == (5.0, 2048)
+    for command in ("serve", "frontend"):
+        args = _parser().parse_args([command, "--keep-alive", "0.5", "--backlog", "4096"])
+        fe = settings_from_args(args).frontend
+        assert (fe.keep_alive_s, fe.backlog) == (0.5, 4096)
+
+
 def test_kv_tier_flags_reach_the_settings(tmp_path: Path) -> None:
     from dynamo_gateway.cli import _parser, settings_from_args
 

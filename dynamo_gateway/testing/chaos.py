@@ -19,8 +19,10 @@ accepted (connection refused while the frontend restarts, or a 429/503 before an
 byte of the stream, or a kept-alive connection closed by a draining frontend before
 any answer) is sent again after a pause, as the openai SDK does, and counted as a
 retry, not a failure; one still not accepted after `LoadConfig.retry_for_s`
-fails. `report()` adds TTFT during and outside faults, the recovery time of the KV
-hit rate after each fault and the processes' RSS over time (`RssSampler`).
+fails. `report()` adds TTFT during and outside faults, the KV hit rate's dip after each
+fault and the time until it is back within 90% of its level before the faults
+(3-second windows of completed requests), and the processes' RSS over time
+(`RssSampler`).
 
 Used by ``tests/chaos`` (the CI-sized run) and ``benchmarks/chaos_soak.py`` (the soak).
 """
@@ -28,6 +30,7 @@ Used by ``tests/chaos`` (the CI-sized run) and ``benchmarks/chaos_soak.py`` (the
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import json
 import random
@@ -439,19 +442,37 @@ def _hit_rate(outcomes: list[Outcome]) -> float | None:
     return sum(o.cached_tokens for o in outcomes) / prompt if prompt else None
 
 
-def _recovery(
-    outcomes: list[Outcome], fault: FaultRecord, until: float, baseline: float, window: float
-) -> float | None:
-    """Seconds from the fault's end until the hit rate of a `window` of requests is
-    back to 90% of `baseline`; None if not before `until`."""
-    ends = sorted((o.end, o) for o in outcomes if o.status == "ok" and o.end >= fault.end)
-    t = fault.end
+def _kv_dip(
+    done: list[Outcome],
+    ends: list[float],
+    fault: FaultRecord,
+    until: float,
+    baseline: float,
+    window: float,
+) -> tuple[float | None, float | None]:
+    """The KV hit rate's dip after `fault` and its recovery, over `window`-second windows
+    of completed requests (`done`, sorted by end time, and their `ends`) sliding by
+    0.5 s from the fault's start to `until` (the next fault or the end of the run).
+
+    Returns (the lowest window's hit rate, seconds from the fault's start to the end
+    of the last window below 90% of `baseline`: 0 if none was). The recovery is None
+    when the last window before `until` is still below: not recovered in time."""
+    lowest: float | None = None
+    last_low: float | None = None
+    still_low = False
+    t = fault.start
     while t + window <= until:
-        hit = _hit_rate([o for end, o in ends if t <= end < t + window])
-        if hit is not None and hit >= 0.9 * baseline:
-            return round(t - fault.end, 2)
+        lo, hi = bisect.bisect_left(ends, t), bisect.bisect_left(ends, t + window)
+        hit = _hit_rate(done[lo:hi])
+        if hit is not None:
+            lowest = hit if lowest is None else min(lowest, hit)
+            still_low = hit < 0.9 * baseline
+            if still_low:
+                last_low = t + window
         t += 0.5
-    return None
+    if still_low:
+        return lowest, None
+    return lowest, 0.0 if last_low is None else round(last_low - fault.start, 2)
 
 
 def report(
@@ -480,11 +501,13 @@ def report(
         if o.status != "ok":
             key = f"{o.status}: {o.reason[:120]}"
             reasons[key] = reasons.get(key, 0) + 1
-    recoveries = []
+    done = sorted((o for o in outcomes if o.status == "ok"), key=lambda o: o.end)
+    ends = [o.end for o in done]
+    dips: list[tuple[float | None, float | None]] = []
     for i, f in enumerate(faults):
         until = faults[i + 1].start if i + 1 < len(faults) else ended
-        recoveries.append(
-            None if baseline is None else _recovery(outcomes, f, until, baseline, window_s)
+        dips.append(
+            (None, None) if baseline is None else _kv_dip(done, ends, f, until, baseline, window_s)
         )
     by_kind: dict[str, int] = {}
     for f in faults:
@@ -503,9 +526,10 @@ def report(
                 **asdict(f),
                 "start": round(f.start - started, 2),
                 "end": round(f.end - started, 2),
-                "kv_recovery_s": r,
+                "kv_hit_rate_lowest": None if low is None else round(low, 3),
+                "kv_recovery_s": recovery,
             }
-            for f, r in zip(faults, recoveries, strict=True)
+            for f, (low, recovery) in zip(faults, dips, strict=True)
         ],
         "kv_hit_rate_before_faults": baseline,
         "kv_hit_rate_overall": _hit_rate([o for o in outcomes if o.status == "ok"]),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Callable
 
@@ -10,12 +9,12 @@ import httpx
 import openai
 import pytest
 
+from dynamo_gateway.bench.overload import worker_gauges
 from dynamo_gateway.testing import GatewayProcess
 
 
 def _worker_gauges(gw: GatewayProcess, name: str) -> list[float]:
-    text = httpx.get(f"{gw.url}/metrics").text
-    return [float(v) for v in re.findall(rf"^dynamo_gateway_{name}{{[^}}]*}} (\S+)$", text, re.M)]
+    return worker_gauges(gw.url, name)
 
 
 def _wait_for(cond: Callable[[], bool], timeout: float = 10.0) -> bool:
