@@ -289,6 +289,12 @@ def _add_frontend_args(p: argparse.ArgumentParser) -> None:
         "--reasoning-parser",
         help="reasoning markers to split off as reasoning_content: deepseek_r1, qwen3, ...",
     )
+    p.add_argument(
+        "--dynamo-metric-names",
+        action="store_true",
+        default=None,
+        help="also export the Dynamo-shaped metrics as dynamo_frontend_* (docs/operations.md)",
+    )
     _add_security_args(p)
 
 
@@ -452,6 +458,7 @@ _SETTINGS_MAP: dict[str, tuple[str, ...]] = {
     "stream_interval": ("frontend", "stream_interval"),
     "tool_call_parser": ("frontend", "tool_call_parser"),
     "reasoning_parser": ("frontend", "reasoning_parser"),
+    "dynamo_metric_names": ("frontend", "dynamo_metric_names"),
     "api_keys_file": ("frontend", "api_keys_file"),
     "max_queued_per_tenant": ("frontend", "max_queued_per_tenant"),
     "queue_timeout": ("frontend", "queue_timeout_s"),

@@ -92,6 +92,11 @@ class FrontendSettings(BaseModel):
         "would otherwise hold an admission slot for as long as it likes)",
     )
     retry_after_s: int = Field(1, ge=0, description="Retry-After on 429/503")
+    dynamo_metric_names: bool = Field(
+        False,
+        description="also export the Dynamo-shaped series as dynamo_frontend_* (Dynamo's own "
+        "names), so that dashboards made for Dynamo's frontend read them",
+    )
     server: Literal["hypercorn", "uvicorn"] = "hypercorn"
     keep_alive_s: float = Field(
         5.0,

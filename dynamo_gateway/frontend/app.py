@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any, Literal
 
 import msgspec
-from prometheus_client import generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import Metric
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -48,7 +48,7 @@ from dynamo_gateway.frontend.http import (
     error_response,
     read_body,
 )
-from dynamo_gateway.frontend.metrics import FrontendMetrics, counter, gauge
+from dynamo_gateway.frontend.metrics import DynamoNames, FrontendMetrics, counter, gauge
 from dynamo_gateway.frontend.openapi import openapi_json
 from dynamo_gateway.frontend.preparation import (
     OutputParsers,
@@ -163,6 +163,11 @@ class Gateway:
         self.metrics = FrontendMetrics()
         self.metrics.add_collector(self._worker_metrics)
         self.metrics.add_collector(self.gate.metrics)
+        # Dynamo's frontend metric names beside ours (dashboards made for Dynamo).
+        self._dynamo_names: CollectorRegistry | None = None
+        if fe.dynamo_metric_names:
+            self._dynamo_names = CollectorRegistry(auto_describe=False)
+            self._dynamo_names.register(DynamoNames(self.metrics.registry))
         self.started = int(time.time())
         self.recent_errors = RecentErrors()  # for /status
         self.fleet: LocalFleet | None = None  # the embedded gateway's in-process workers
@@ -417,10 +422,10 @@ class Gateway:
         return JSONBytes(msgspec.json.encode(body), status_code=200 if healthy else 503)
 
     async def prometheus(self, request: Request) -> Response:
-        return Response(
-            generate_latest(self.metrics.registry),
-            media_type="text/plain; version=0.0.4; charset=utf-8",
-        )
+        body = generate_latest(self.metrics.registry)
+        if self._dynamo_names is not None:
+            body += generate_latest(self._dynamo_names)
+        return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
 class GatewayApp:

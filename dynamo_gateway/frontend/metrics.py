@@ -190,3 +190,47 @@ def gauge(name: str, doc: str, labels: list[str]) -> GaugeMetricFamily:
 def counter(name: str, doc: str, labels: list[str]) -> CounterMetricFamily:
     """A counter kept elsewhere (read at scrape time); `name` without ``_total``."""
     return CounterMetricFamily(f"{PREFIX}_{name}", doc, labels=labels)
+
+
+# Our family (without PREFIX) -> Dynamo's frontend family (without "dynamo_frontend"):
+# the series whose type and meaning match Dynamo's (docs/operations.md#metrics).
+DYNAMO_NAMES = {
+    "requests": "requests",
+    "inflight_requests": "inflight_requests",
+    "queued_requests": "queued_requests",
+    "request_duration_seconds": "request_duration_seconds",
+    "input_sequence_tokens": "input_sequence_tokens",
+    "output_sequence_tokens": "output_sequence_tokens",
+    "cached_tokens_per_request": "cached_tokens",
+    "output_tokens": "output_tokens",
+    "time_to_first_token_seconds": "time_to_first_token_seconds",
+    "inter_token_latency_seconds": "inter_token_latency_seconds",
+    "model_context_length": "model_context_length",
+    "model_kv_cache_block_size": "model_kv_cache_block_size",
+    "model_migration_limit": "model_migration_limit",
+    "migrations": "model_migration",
+}
+DYNAMO_PREFIX = "dynamo_frontend"
+
+
+class DynamoNames(Collector):
+    """The families of `DYNAMO_NAMES` again, under Dynamo's own names
+    (``dynamo_frontend_*``), for dashboards written for Dynamo's frontend
+    (``frontend.dynamo_metric_names``). Same samples and labels, collected from
+    `registry` at each scrape: nothing is counted twice."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
+        self._names = {
+            f"{PREFIX}_{ours}": f"{DYNAMO_PREFIX}_{d}" for ours, d in DYNAMO_NAMES.items()
+        }
+
+    def collect(self) -> Iterable[Metric]:
+        for family in self._registry.collect():
+            name = self._names.get(family.name)
+            if name is None:
+                continue
+            copy = Metric(name, family.documentation, family.type, family.unit)
+            for s in family.samples:
+                copy.samples.append(s._replace(name=name + s.name[len(family.name) :]))
+            yield copy

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from dynamo_gateway.frontend.app import build_app
+from dynamo_gateway.frontend.metrics import DYNAMO_NAMES
 from dynamo_gateway.server import embedded
 from dynamo_gateway.settings import TracingSettings, load_settings
 from dynamo_gateway.telemetry import tracing
@@ -196,6 +198,15 @@ def _sample(text: str, name: str) -> float:
     raise AssertionError(f"no {name} in /metrics")
 
 
+def _samples(text: str, name: str) -> list[str]:
+    """Every sample of `name`: its labels and value, without the name."""
+    return [
+        line[len(name) :]
+        for line in text.splitlines()
+        if line.startswith(name + "{") or line.startswith(name + " ")
+    ]
+
+
 async def test_dynamo_shaped_metrics(client: httpx.AsyncClient) -> None:
     for stream in (False, True):
         resp = await client.post("/v1/chat/completions", json={**CHAT, "stream": stream})
@@ -209,6 +220,26 @@ async def test_dynamo_shaped_metrics(client: httpx.AsyncClient) -> None:
     assert _sample(text, "dynamo_gateway_inflight_requests") == 0
     for name in ("model_context_length", "model_kv_cache_block_size", "model_migration_limit"):
         assert _sample(text, f"dynamo_gateway_{name}") > -1
+    assert "dynamo_frontend_" not in text  # Dynamo's own names only when asked for
+
+
+async def test_dynamo_metric_names_on_request(demo_model: Path) -> None:
+    async for client in _client(demo_model, frontend={"dynamo_metric_names": True}):
+        for stream in (False, True):
+            resp = await client.post("/v1/chat/completions", json={**CHAT, "stream": stream})
+            assert resp.status_code == 200
+        text = (await client.get("/metrics")).text
+    for ours, theirs in DYNAMO_NAMES.items():
+        for suffix in ("_count", "_total", ""):  # a histogram, a counter or a gauge
+            mine = f"dynamo_gateway_{ours}{suffix}"
+            if re.search(rf"^{mine}[{{ ]", text, re.M):
+                break
+        else:
+            raise AssertionError(f"dynamo_gateway_{ours} is not exported")
+        dynamo = f"dynamo_frontend_{theirs}{suffix}"
+        assert _samples(text, dynamo) == _samples(text, mine), (mine, dynamo)
+    assert _sample(text, "dynamo_frontend_time_to_first_token_seconds_count") == 2
+    assert _sample(text, "dynamo_frontend_output_sequence_tokens_sum") == 12
 
 
 # -- tracing ----------------------------------------------------------------------------------
