@@ -27,7 +27,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from prometheus_client.core import Metric
 from pydantic import TypeAdapter, ValidationError
@@ -246,26 +246,19 @@ class Gate:
         """Take one request from the tenant's request bucket; 429 if a bucket is empty."""
         u = self._usage[tenant]
         now = self._now()
-        if u.tokens is not None:
-            wait = u.tokens.ready_in(1, now)
-            if wait > 0:
-                self._reject(u, "tokens_per_minute")
-                raise OverloadedError(
-                    f"tenant {tenant!r} is over its limit of {u.config.tokens_per_minute:g} "
-                    "tokens per minute; retry later",
-                    code="rate_limit_exceeded",
-                    retry_after=retry_after_s(wait),
-                )
-        if u.requests is not None:
-            wait = u.requests.take(1, now)
-            if wait > 0:
-                self._reject(u, "requests_per_minute")
-                raise OverloadedError(
-                    f"tenant {tenant!r} is over its limit of {u.config.requests_per_minute:g} "
-                    "requests per minute; retry later",
-                    code="rate_limit_exceeded",
-                    retry_after=retry_after_s(wait),
-                )
+        if u.tokens is not None and (wait := u.tokens.ready_in(1, now)) > 0:
+            self._over(u, "tokens", u.config.tokens_per_minute, wait)
+        if u.requests is not None and (wait := u.requests.take(1, now)) > 0:
+            self._over(u, "requests", u.config.requests_per_minute, wait)
+
+    def _over(self, u: _Usage, what: str, limit: float | None, wait: float) -> NoReturn:
+        self._reject(u, f"{what}_per_minute")
+        raise OverloadedError(
+            f"tenant {u.config.name!r} is over its limit of {limit:g} {what} per minute; "
+            "retry later",
+            code="rate_limit_exceeded",
+            retry_after=retry_after_s(wait),
+        )
 
     async def enter(self, tenant: str) -> Ticket:
         """A slot: at once, after a wait in the tenant's queue, or 429."""
