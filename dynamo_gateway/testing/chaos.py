@@ -533,6 +533,8 @@ def report(
         ],
         "kv_hit_rate_before_faults": baseline,
         "kv_hit_rate_overall": _hit_rate([o for o in outcomes if o.status == "ok"]),
+        # The last 5 s: after the last fault's recovery, if it had time to recover.
+        "kv_hit_rate_final": _hit_rate(done[bisect.bisect_left(ends, ended - 5.0) :]),
         "ttft_s": {
             "outside_faults": _percentiles(ttft_out),
             "during_faults": _percentiles(ttft_in),
@@ -550,12 +552,13 @@ def report(
 class Schedule:
     """When faults happen: `warmup_s` of clean load, then `kinds` in turn, each followed
     by `interval_s` of clean load (the KV hit rate's recovery is measured there), until
-    `duration_s` has passed and every kind has run once."""
+    `duration_s` has passed and every kind has run once; then `tail_s` more."""
 
     duration_s: float
     interval_s: float = 7.0
     warmup_s: float = 8.0
     kinds: tuple[str, ...] = FAULT_KINDS
+    tail_s: float = 8.0  # more clean load after the last fault's interval
 
 
 async def run_chaos(
@@ -583,6 +586,7 @@ async def run_chaos(
         if load_task.done():
             break
         await asyncio.sleep(schedule.interval_s)
+    await asyncio.sleep(schedule.tail_s)
     stop.set()
     outcomes = await load_task
     return outcomes, started, time.monotonic()
