@@ -1,7 +1,8 @@
 """Chaos: a mocker cluster over real etcd and NATS keeps serving, token for token
 correct, while workers are killed and paused, etcd and NATS restart and the frontend
-restarts (`dynamo_gateway.testing.chaos`); and the same for prefill and decode workers
-moving KV over TCP with a shared Redis tier that restarts empty.
+restarts (`dynamo_gateway.testing.chaos`); the same for prefill and decode workers
+moving KV over TCP with a shared Redis tier that restarts empty; and a fleet run by
+the planner while its workers and the planner itself are killed.
 
 The CI size is 60 s of load with every fault kind at least once; ``--chaos-seconds``
 makes it longer (the soak's figures come from ``benchmarks/chaos_soak.py``).
@@ -10,19 +11,22 @@ makes it longer (the soak's figures come from ``benchmarks/chaos_soak.py``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 
 from dynamo_gateway.servers.etcd import EtcdServer
 from dynamo_gateway.servers.nats import NatsServer
 from dynamo_gateway.servers.redis import RedisServer
-from dynamo_gateway.testing import Cluster, read_metric
+from dynamo_gateway.testing import Cluster, ClusterProcess, read_metric
 from dynamo_gateway.testing.chaos import (
     FAULT_KINDS,
     ChaosRun,
@@ -33,6 +37,7 @@ from dynamo_gateway.testing.chaos import (
     report,
     run_chaos,
 )
+from dynamo_gateway.testing.planner import live_workers, planner_toml
 
 pytestmark = pytest.mark.chaos
 
@@ -131,3 +136,76 @@ async def test_chaos_disaggregated_workers_with_a_shared_kv_store(
     assert chaos.frontend is not None
     remote = read_metric(chaos.frontend.url, "dynamo_gateway_remote_prefill_total", model="demo")
     assert remote > 0, result  # the requests really were disaggregated
+
+
+def _planner_workers(planner: ClusterProcess) -> list[psutil.Process]:
+    """The worker processes `planner` started (its children), alive now."""
+    return [
+        p
+        for p in psutil.Process(planner.process.pid).children()
+        if p.is_running() and "worker" in p.cmdline()
+    ]
+
+
+def _wait_live(frontend: ClusterProcess, count: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while live_workers(frontend).get("demo") != count:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"never {count} live workers: {live_workers(frontend)}")
+        time.sleep(0.2)
+
+
+async def test_chaos_planner_heals_and_survives_its_own_restart(
+    cluster: MakeCluster,
+    etcd_server: EtcdServer,
+    nats_server: NatsServer,
+    tmp_path: Path,
+    demo_model: Path,
+) -> None:
+    # The planner (local connector, 1 to 3 workers) scales the fleet up under the
+    # load, then: one of its workers is SIGKILLed (it starts another), the planner
+    # itself is SIGKILLed and started again (its workers go on serving; the new one
+    # finds the fleet at its size and leaves it), and another worker is SIGKILLed
+    # (the new planner replaces it). Every stream still completes, token for token.
+    c = cluster(etcd_server.url, nats_server.url)
+    frontend = c.frontend("--migration-limit", "3")
+    config = tmp_path / "planner.toml"
+    config.write_text(planner_toml(demo_model, {"demo": 3}))
+    planner = c.planner("--config", str(config), "--frontend", frontend.url)
+    _wait_live(frontend, 1, 60)
+    cfg = LoadConfig(frontend.url, concurrency=12, max_tokens=32)
+    prompts = chaos_prompts(documents=6, questions=4)
+    expected = await SteadyLoad.answers(cfg, prompts)
+    load = SteadyLoad(cfg, prompts, expected)
+    stop = asyncio.Event()
+    running = asyncio.create_task(load.run(stop))
+    orphans: list[psutil.Process] = []
+    try:
+        # 12 in flight at 4 per worker: the planner grows the fleet to its maximum.
+        await asyncio.to_thread(_wait_live, frontend, 3, 60)
+        first = planner
+        victim = _planner_workers(first)[0]
+        victim.kill()
+        await asyncio.sleep(1)
+        await asyncio.to_thread(_wait_live, frontend, 3, 60)  # a replacement joined
+        orphans = _planner_workers(first)
+        first.kill()  # the planner dies; its workers do not
+        planner = c.planner("--config", str(config), "--frontend", frontend.url)
+        await asyncio.sleep(5)
+        assert live_workers(frontend).get("demo") == 3  # nothing lost, nothing added
+        orphans[0].kill()  # one of the old planner's workers: the new one replaces it
+        await asyncio.sleep(1)
+        await asyncio.to_thread(_wait_live, frontend, 3, 60)
+        await asyncio.sleep(5)
+    finally:
+        stop.set()
+        outcomes = await running
+        for p in orphans:
+            with contextlib.suppress(psutil.Error):
+                p.terminate()
+    result = report(outcomes, [], started=outcomes[0].start, ended=outcomes[-1].end)
+    assert result["requests"] > 200
+    assert result["failed"] == 0 and result["corrupted"] == 0, (result["failures"], c.logs())
+    assert "exited by itself" in first.log(), first.log()  # it saw its worker die
+    assert planner.log().count("started worker") >= 1, planner.log()
+    assert _settled(frontend.url), c.logs()
