@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 # Seconds in-flight requests get to finish after a shutdown signal.
 GRACEFUL_TIMEOUT_S = 10.0
+STARTUP_SYNC_TIMEOUT_S = 30.0  # a starting frontend waits this long for known models
 
 
 def plugins_for(settings: Settings) -> Plugins:
@@ -40,7 +41,7 @@ def plugins_for(settings: Settings) -> Plugins:
 async def serve(settings: Settings, *, ready: Callable[[str], None] | None = None) -> None:
     """Run the embedded gateway until SIGINT/SIGTERM."""
     async with embedded(settings) as gateway:
-        await run_http(build_app(gateway), settings, ready=ready, admin=_admin_app(gateway))
+        await _run_gateway(gateway, ready)
 
 
 @contextlib.asynccontextmanager
@@ -105,7 +106,17 @@ async def embedded(
 async def serve_frontend(settings: Settings, *, ready: Callable[[str], None] | None = None) -> None:
     """Run a frontend over the workers that discovery finds, until SIGINT/SIGTERM."""
     async with distributed(settings) as gateway:
-        await run_http(build_app(gateway), settings, ready=ready, admin=_admin_app(gateway))
+        await _run_gateway(gateway, ready)
+
+
+async def _run_gateway(gateway: Gateway, ready: Callable[[str], None] | None) -> None:
+    await run_http(
+        build_app(gateway),
+        gateway.settings,
+        ready=ready,
+        admin=_admin_app(gateway),
+        drain=gateway.drain_for_shutdown,
+    )
 
 
 def _admin_app(gateway: Gateway) -> ASGIApp | None:
@@ -135,6 +146,10 @@ async def distributed(settings: Settings, plugins: Plugins | None = None) -> Asy
     manager = ModelManager(settings, plugins.registry, resolver, events)
     follow = asyncio.get_running_loop().create_task(manager.follow(discovery))
     try:
+        # Serve only once the models registered now are known: a frontend that
+        # (re)starts under traffic would otherwise answer 404 for a model it has not
+        # read from discovery yet.
+        await _wait_for_models(manager, {r.model for r in await discovery.list()})
         yield Gateway(settings, manager)
     finally:
         follow.cancel()
@@ -143,6 +158,19 @@ async def distributed(settings: Settings, plugins: Plugins | None = None) -> Asy
         await manager.aclose()
         await discovery.aclose()
         await events.aclose()
+
+
+async def _wait_for_models(
+    manager: ModelManager, models: set[str], timeout: float = STARTUP_SYNC_TIMEOUT_S
+) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not models <= manager.pools.keys():
+        if loop.time() > deadline:
+            missing = sorted(models - manager.pools.keys())
+            log.warning("serving before the pools of %s were ready", ", ".join(missing))
+            return
+        await asyncio.sleep(0.02)
 
 
 async def _wait_for_pool(
@@ -167,18 +195,25 @@ async def run_http(
     *,
     ready: Callable[[str], None] | None = None,
     admin: ASGIApp | None = None,
+    drain: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
     """Serve `app` (and `admin` on the admin port) until a shutdown signal, then
-    drain for up to GRACEFUL_TIMEOUT_S. HTTPS on both with `frontend.tls_cert`."""
+    drain for up to GRACEFUL_TIMEOUT_S. HTTPS on both with `frontend.tls_cert`.
+
+    `drain` (the gateway's `Gateway.drain_for_shutdown`) runs first, while the
+    listeners still answer: new requests get a retryable 503 and the ones in flight
+    finish. Only then are the listeners stopped, so no stream is cut by the server
+    closing its connections."""
     fe = settings.frontend
     for path in (fe.tls_cert, fe.tls_key):
         if path is not None and not path.is_file():
             raise ConfigError(f"TLS file {path} does not exist")
-    stop = asyncio.Event()
+    stop = asyncio.Event()  # stops the listeners
+    signalled = asyncio.Event() if drain is not None else stop
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, signalled.set)
     scheme = "https" if fe.tls_cert is not None else "http"
     url = f"{scheme}://{fe.host}:{fe.port}"
     server = _uvicorn if fe.server == "uvicorn" else _hypercorn
@@ -187,6 +222,8 @@ async def run_http(
         runners.append(server(admin, settings, stop, (fe.admin_host, fe.admin_port)))
         log.info("admin endpoints on %s://%s:%d/admin/", scheme, fe.admin_host, fe.admin_port)
     tasks = [loop.create_task(runner()) for runner in runners]
+    if drain is not None:
+        tasks.append(loop.create_task(_drain_then_stop(signalled, drain, stop)))
     await asyncio.sleep(0)
     if ready is not None:
         ready(url)
@@ -196,6 +233,19 @@ async def run_http(
         stop.set()  # one listener failed (a busy port): stop the other too
         await asyncio.gather(*tasks, return_exceptions=True)
         raise
+
+
+async def _drain_then_stop(
+    signalled: asyncio.Event, drain: Callable[[], Awaitable[None]], stop: asyncio.Event
+) -> None:
+    try:
+        await signalled.wait()
+        log.info("draining: no new requests; waiting for those in flight")
+        await asyncio.wait_for(drain(), GRACEFUL_TIMEOUT_S)
+    except TimeoutError:
+        log.warning("draining: requests still in flight after %g s", GRACEFUL_TIMEOUT_S)
+    finally:
+        stop.set()
 
 
 def _hypercorn(

@@ -364,6 +364,13 @@ class Gateway:
         self.metrics.errors.labels(type_).inc()
         self.recent_errors.add(model, endpoint, status, type_, message)
 
+    async def drain_for_shutdown(self, poll_s: float = 0.05) -> None:
+        """Admit nothing more (503 ``draining`` with Retry-After; ``/ready`` 503) and
+        return once no request holds or waits for a slot: the last streams are done."""
+        self.drain.everything = True
+        while self.admission.inflight > 0 or self.admission.queued > 0:
+            await asyncio.sleep(poll_s)
+
     def _draining(self, model: str | None = None) -> UnavailableError:
         what = f"model {model!r}" if model is not None else "the gateway"
         return UnavailableError(

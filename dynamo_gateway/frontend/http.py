@@ -6,15 +6,24 @@ API keys and admission are the tenants' business (`dynamo_gateway.frontend.tenan
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from dynamo_gateway.errors import ClientError, PayloadTooLargeError, RequestTimeoutError
+from dynamo_gateway.errors import (
+    ClientError,
+    EngineError,
+    PayloadTooLargeError,
+    RequestTimeoutError,
+)
 from dynamo_gateway.frontend.encoding import error_body
+
+log = logging.getLogger(__name__)
 
 
 def error_response(exc: ClientError) -> Response:
@@ -142,6 +151,17 @@ class SSEResponse(Response):
                     return
                 body = error_body(exc.message, exc.type, param=exc.param, code=exc.code)
                 await emit(b"data: " + msgspec.json.encode(body) + b"\n\n")
+            except (asyncio.CancelledError, OSError):
+                raise
+            except Exception as exc:  # the engine failed, or a bug: still an OpenAI error
+                self.status_code = 500
+                body = _server_error(exc)
+                if not started:
+                    await JSONBytes(msgspec.json.encode(body), status_code=500)(
+                        scope, receive, send
+                    )
+                    return
+                await emit(b"data: " + msgspec.json.encode(body) + b"\n\n")
             if not started:
                 await emit(b"")
             await send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -154,3 +174,12 @@ class SSEResponse(Response):
         finally:
             self._watcher.stop()
             self._on_close(disconnected, self.status_code)
+
+
+def _server_error(exc: Exception) -> dict[str, Any]:
+    """The error body of a stream that failed on the server's side (logged here)."""
+    if isinstance(exc, EngineError):  # the engine failed and migration could not help
+        log.error("engine error in a stream: %s", exc)
+        return error_body(str(exc), exc.type, code=exc.code)
+    log.error("unhandled error in a stream", exc_info=exc)
+    return error_body("internal server error", "server_error", code="internal_error")

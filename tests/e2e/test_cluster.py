@@ -7,8 +7,10 @@ a real HTTP client. CI installs etcd and nats-server (see .ci/run).
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import signal
+import threading
 import time
 import urllib.request
 from collections.abc import Callable
@@ -19,7 +21,7 @@ import httpx
 
 from dynamo_gateway.servers.etcd import EtcdServer
 from dynamo_gateway.servers.nats import NatsServer
-from dynamo_gateway.testing import Cluster, ClusterProcess, read_metric
+from dynamo_gateway.testing import Cluster, ClusterProcess, free_port, read_metric
 
 MakeCluster = Callable[[str, str], Cluster]
 
@@ -125,6 +127,46 @@ def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
             return
         time.sleep(0.1)
     raise TimeoutError(what)
+
+
+async def test_a_frontend_serves_only_once_it_knows_the_registered_models(
+    cluster: MakeCluster, etcd_server: EtcdServer, nats_server: NatsServer
+) -> None:
+    # A frontend (re)started under traffic gets requests the moment it listens: it
+    # must not answer 404 for a model it has not read from discovery yet. Clients
+    # knock on its port from before it starts.
+    c = cluster(etcd_server.url, nats_server.url)
+    c.worker("--speedup", "20")
+    c.worker("--speedup", "20", "--served-model-name", "other")
+    port = free_port()
+    statuses: list[int] = []
+    stop = threading.Event()
+
+    def knock(model: str) -> None:
+        body = {"model": model, "prompt": "hello", "max_tokens": 2}
+        with httpx.Client(timeout=30) as client:
+            while not stop.is_set():
+                try:
+                    resp = client.post(f"http://127.0.0.1:{port}/v1/completions", json=body)
+                except httpx.TransportError:
+                    time.sleep(0.002)
+                    continue
+                statuses.append(resp.status_code)
+
+    for _ in range(3):
+        knockers = [threading.Thread(target=knock, args=(m,)) for m in ("demo", "other") * 2]
+        for t in knockers:
+            t.start()
+        try:
+            fe = c.frontend(port=port)
+            time.sleep(0.5)
+        finally:
+            stop.set()
+            for t in knockers:
+                t.join()
+        stop.clear()
+        fe.stop()
+    assert statuses and set(statuses) == {200}, (collections.Counter(statuses), c.logs())
 
 
 async def test_etcd_nats_cluster_scales_out_and_drains(

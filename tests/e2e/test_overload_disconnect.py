@@ -126,3 +126,30 @@ def test_sigterm_drains_in_flight_request(
         body = "".join(resp.iter_lines())
     assert body.endswith("data: [DONE]")
     assert gw.process.wait(20) == 0
+
+
+def test_sigterm_refuses_new_requests_retryably_until_the_last_stream_ends(
+    gateway_server: Callable[..., GatewayProcess],
+) -> None:
+    # The gateway drains before its HTTP server stops: while a long stream finishes,
+    # a new request gets a 503 `draining` with Retry-After (a client retries it
+    # elsewhere) and /ready says so; nothing is cut, and then the process exits.
+    gw = gateway_server("--workers", "1", "--speedup", "1")
+    with httpx.Client(base_url=gw.url, timeout=30) as client:
+        resp = _open_stream(client, max_tokens=300)  # a few seconds at speedup 1
+        lines = resp.iter_lines()
+        assert next(lines).startswith("data: ")
+        gw.process.send_signal(15)
+        with httpx.Client(base_url=gw.url, timeout=10) as other:
+            assert _wait_for(lambda: other.get("/ready").status_code == 503)
+            refused = other.post(
+                "/v1/chat/completions",
+                json={"model": "demo", "messages": [{"role": "user", "content": "hi"}]},
+            )
+        assert refused.status_code == 503, refused.text
+        assert refused.json()["error"]["code"] == "draining"
+        assert int(refused.headers["retry-after"]) >= 1
+        assert gw.process.poll() is None  # still serving the stream
+        body = "".join(lines)
+    assert body.endswith("data: [DONE]")
+    assert gw.process.wait(20) == 0
