@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -117,8 +118,12 @@ def main() -> int:
     p.add_argument("--json", type=Path, help="write the report here")
     p.add_argument("--plot", type=Path, help="draw RSS over time here (PNG)")
     args = p.parse_args()
-    with tempfile.TemporaryDirectory(prefix="chaos-soak-") as tmp:
-        result = asyncio.run(soak(args, Path(tmp)))
+    tmp = Path(tempfile.mkdtemp(prefix="chaos-soak-"))
+    result = asyncio.run(soak(args, tmp))
+    if result["failed"] or result["corrupted"]:  # keep the processes' logs to look into
+        print(f"cluster logs kept in {tmp / 'logs'}")
+    else:
+        shutil.rmtree(tmp, ignore_errors=True)
     summary = {k: v for k, v in result.items() if k not in ("rss_mib", "config")}
     print(json.dumps(summary, indent=1))
     rss = result["rss_mib"]
