@@ -131,15 +131,20 @@ class SSEResponse(Response):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         disconnected = False
         started = False
+        client_gone = False  # a send failed: the OSError is the client's, not a bug
 
         async def emit(chunk: bytes) -> None:
-            nonlocal started
-            if not started:
-                started = True
-                await send(
-                    {"type": "http.response.start", "status": 200, "headers": self.raw_headers}
-                )
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            nonlocal started, client_gone
+            try:
+                if not started:
+                    started = True
+                    await send(
+                        {"type": "http.response.start", "status": 200, "headers": self.raw_headers}
+                    )
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            except OSError:
+                client_gone = True
+                raise
 
         try:
             try:
@@ -151,9 +156,9 @@ class SSEResponse(Response):
                     return
                 body = error_body(exc.message, exc.type, param=exc.param, code=exc.code)
                 await emit(b"data: " + msgspec.json.encode(body) + b"\n\n")
-            except (asyncio.CancelledError, OSError):
-                raise
             except Exception as exc:  # the engine failed, or a bug: still an OpenAI error
+                if client_gone:
+                    raise
                 self.status_code = 500
                 body = _server_error(exc)
                 if not started:

@@ -249,7 +249,7 @@ class Routed:
         while True:
             try:
                 out = await self.stream.__anext__()
-            except WorkerLostError as exc:
+            except (WorkerLostError, OSError) as exc:  # OSError: a socket error got through
                 if self.migrations_left <= 0:
                     raise
                 await self._migrate(exc)
@@ -260,7 +260,7 @@ class Routed:
                 out.cached_tokens = None  # the client's first chunk already reported them
             return out
 
-    async def _migrate(self, exc: WorkerLostError) -> None:
+    async def _migrate(self, exc: WorkerLostError | OSError) -> None:
         pool = self._pool
         lost = self.worker
         await self._release()

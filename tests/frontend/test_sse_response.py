@@ -46,8 +46,11 @@ async def _get(app: Callable[[Scope, Receive, Send], Any]) -> httpx.Response:
         (WorkerLostError("worker w1 lost, no other worker"), 500, "worker_lost"),
         (EngineError("the engine failed"), 500, "engine_error"),
         (RuntimeError("a bug"), 500, "internal_error"),
+        # A socket error from the server's side (not the client's send): not a
+        # vanished client, whose stream ends quietly, but a server error.
+        (ConnectionRefusedError(111, "Connection refused"), 500, "internal_error"),
     ],
-    ids=["client", "worker-lost", "engine", "bug"],
+    ids=["client", "worker-lost", "engine", "bug", "oserror"],
 )
 async def test_failure_before_the_first_chunk_is_an_openai_error(
     fail: Exception, status: int, code: str | None
