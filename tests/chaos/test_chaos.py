@@ -37,7 +37,7 @@ from dynamo_gateway.testing.chaos import (
     report,
     run_chaos,
 )
-from dynamo_gateway.testing.planner import live_workers, planner_toml
+from dynamo_gateway.testing.planner import live_workers, planner_toml, wait_for
 
 pytestmark = pytest.mark.chaos
 
@@ -148,11 +148,7 @@ def _planner_workers(planner: ClusterProcess) -> list[psutil.Process]:
 
 
 def _wait_live(frontend: ClusterProcess, count: int, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while live_workers(frontend).get("demo") != count:
-        if time.monotonic() > deadline:
-            raise AssertionError(f"never {count} live workers: {live_workers(frontend)}")
-        time.sleep(0.2)
+    wait_for(frontend, lambda w: w.get("demo") == count, timeout, f"{count} live workers")
 
 
 async def test_chaos_planner_heals_and_survives_its_own_restart(
